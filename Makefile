@@ -1,0 +1,31 @@
+# avmoe: `make demo` (install + tiny AVE run on CPU) and `make test` (install + full test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.avmoe-installed
+DEMO_DATA ?= data/demo_ave
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test test-fast bench-cpu clean
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install: $(STAMP)  ## project venv: CPU torch 2.13.0 unless a torch is already there, then the package (editable)
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+demo: install  ## write the synthetic AVE release (if absent), train a tiny AVMoE on the CPU, test it
+	$(PY) -m avmoe.datamodules.synthetic ave --root $(DEMO_DATA)
+	$(VENV)/bin/lightning fit --config lightning_configs/demo.yaml --data.init_args.root $(DEMO_DATA)
+
+test: install  ## the whole suite (CPU; slow and 2-process DDP tests included)
+	OMP_NUM_THREADS=2 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## the suite without slow / DDP tests
+	OMP_NUM_THREADS=2 $(PY) -m pytest -m "not slow and not ddp" $(PYTEST_ARGS)
+
+clean:  ## remove runs, demo data and caches (keeps the venv)
+	rm -rf runs data/demo_ave .pytest_cache

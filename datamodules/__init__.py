@@ -1,0 +1,35 @@
+"""Data modules of the four audio-visual tasks, their decoders and the shared batch contract.
+
+Importing this package imports every DataModule subclass, so LightningCLI ``class_path``
+shorthands (``avmoe.datamodules.AVEDataModule`` or just ``AVEDataModule``) resolve.
+"""
+
+from .audio import LogMel, LogMelConfig
+from .ave import AVE_CATEGORIES, BACKGROUND, NUM_CLASSES, AVEDataModule, AVEDataset, read_ave_list, segment_labels
+from .base import AVDataModule, ClipDataset, PlannedDataset, resize_frames, worker_init
+from .batch import SkippedSample, batch_size, collate
+from .decoding import DecodeError, decord_available, read_audio, read_frames
+
+__all__ = [
+    "AVE_CATEGORIES",
+    "BACKGROUND",
+    "NUM_CLASSES",
+    "AVDataModule",
+    "AVEDataModule",
+    "AVEDataset",
+    "ClipDataset",
+    "DecodeError",
+    "LogMel",
+    "LogMelConfig",
+    "PlannedDataset",
+    "SkippedSample",
+    "batch_size",
+    "collate",
+    "decord_available",
+    "read_audio",
+    "read_ave_list",
+    "read_frames",
+    "resize_frames",
+    "segment_labels",
+    "worker_init",
+]

@@ -1,0 +1,3 @@
+"""avmoe: a PyTorch Lightning framework for audio-visual learning with the AVMoE backbone."""
+
+__version__ = "0.1.0"

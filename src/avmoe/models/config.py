@@ -1,0 +1,103 @@
+"""Typed configuration of the AVMoE backbone.
+
+These dataclasses are the config schema: LightningCLI/jsonargparse reads their fields (and the attribute
+docstrings) for ``--help`` and YAML, and they are stored in checkpoints as plain hyper-parameters.
+Defaults are paper scale (Swin-V2-L/12 @192 + HTS-AT tiny, the official AVE adapter configuration);
+every official per-task variant in ``reference/avmoe.md`` 3.6 is a set of field values, not a code fork.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class VisualEncoderConfig:
+    """Frozen Swin-V2 visual encoder (``transformers.Swinv2Model``)."""
+
+    pretrained: Optional[str] = None
+    """Local folder saved by ``Swinv2Model.save_pretrained`` (never downloaded). None: random init + warning."""
+    image_size: int = 192
+    """Input resolution the encoder was built for; frames of another size are resized (bicubic) on the device."""
+    patch_size: int = 4
+    embed_dim: int = 192
+    depths: list[int] = field(default_factory=lambda: [2, 2, 18, 2])
+    num_heads: list[int] = field(default_factory=lambda: [6, 12, 24, 48])
+    window_size: int = 12
+    drop_path_rate: float = 0.1
+    """Only active when ``train_mode`` is true (the official code leaves the encoder in train mode)."""
+    train_mode: bool = False
+    """Reproduce the official quirk of running the frozen encoder in train mode (drop-path active)."""
+    trainable: bool = False
+    """Unfreeze the encoder weights (the released AVS-S4 script leaves HTS-AT trainable; see avs_s4.yaml)."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Frozen HTS-AT audio encoder (the audio tower of ``transformers.ClapAudioModel``)."""
+
+    pretrained: Optional[str] = None
+    """Local folder saved by ``ClapAudioModel.save_pretrained`` (or a ``ClapModel`` folder: the audio tower is taken)."""
+    htsat_checkpoint: Optional[str] = None
+    """Original HTS-AT AudioSet checkpoint (``HTSAT_AudioSet_Saved_1.ckpt``, ``sed_model.*`` keys): converted on load."""
+    num_mel_bins: int = 64
+    spec_size: int = 256
+    patch_size: int = 4
+    hidden_size: int = 96
+    """Stage-0 width (``patch_embeds_hidden_size``); stage widths double per stage."""
+    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    num_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    window_size: int = 8
+    drop_path_rate: float = 0.0
+    train_mode: bool = False
+    """Reproduce the official quirk: encoder in train mode (dropout, BatchNorm statistics updates)."""
+    trainable: bool = False
+    """Unfreeze the encoder weights (official AVS-S4 behaviour)."""
+
+
+@dataclass
+class AdapterConfig:
+    """MoE adapters inserted between the two encoders (``reference/avmoe.md`` section 3)."""
+
+    enabled: bool = True
+    """False: no adapters at all (the stepped backbone then equals the two library forwards)."""
+    num_cross_experts: int = 1
+    """Cross-modal adapter experts (CMA) per MoE module."""
+    num_uni_experts: int = 1
+    """Unimodal adapter experts (UA) per MoE module."""
+    uni_expert: Literal["linear", "param_free", "mha_frames", "latent"] = "linear"
+    """UA variant: linear bottleneck (AVE, AVQA), parameter-free token attention (AVVP), multi-head attention
+    across frames (the S4 layout quirk), latent-token self-attention (MS3)."""
+    num_latents: int = 32
+    """Latent tokens T of the cross-modal (and ``latent`` unimodal) experts."""
+    reduction: int = 8
+    """Bottleneck ratio r: width C -> C/r -> C."""
+    conv_groups: int = 2
+    """Groups of the 1x1 bottleneck convolutions."""
+    use_bn: bool = True
+    """BatchNorm after the bottleneck convolutions (AVE)."""
+    audio_gate: bool = True
+    """Zero-initialised output gate on audio-side experts (video side is always gated)."""
+    num_skip: int = 2
+    """Stage s has no adapters when ``num_skip > 1 and (s + 1) % num_skip == 0`` (2: skip stages 1 and 3)."""
+    router_hidden: list[int] = field(default_factory=lambda: [128, 32])
+    router_noise_std: float = 0.0
+    """Gaussian noise on router logits in training (0.01 in the official AVS scripts)."""
+    load_balance_weight: float = 0.0
+    """Weight of KL(uniform || mean routing) summed over MoE modules (1.0 AVVP, 0.01 MS3)."""
+    mha_heads: int = 4
+    mha_dropout: float = 0.2
+
+
+@dataclass
+class AVMoEConfig:
+    """The whole backbone: two frozen encoders stepped in lockstep with trainable MoE adapters."""
+
+    visual: VisualEncoderConfig = field(default_factory=VisualEncoderConfig)
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    gradient_checkpointing: bool = False
+    """Recompute each paired block in backward (saves activation memory at ~30% more compute)."""

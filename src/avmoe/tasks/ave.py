@@ -1,0 +1,91 @@
+"""AVE event localization: which of 28 events (or background) each 1-s segment shows and sounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+
+from avmoe.datamodules.batch import INDEX
+from avmoe.metrics.ave import BACKGROUND, AVESegmentAccuracy, ave_segment_predictions
+from avmoe.models.config import AVMoEConfig
+from avmoe.models.heads.ave import AVEHead, AVEHeadConfig
+from avmoe.models.outputs import BackboneOutput
+from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, as_config, plain
+
+
+def video_class(label: Tensor, background: int = BACKGROUND) -> tuple[Tensor, Tensor]:
+    """Video-level event class and whether the clip has any event. label (B, T) -> (B,), (B,) bool.
+
+    The official code takes the argmax of the max-over-time one-hot, which gives class 0 to clips without any
+    event (one AVE row is all background); those clips are excluded from the class losses here instead.
+    """
+    foreground = label != background  # (B, T)
+    cls = torch.where(foreground, label, torch.full_like(label, -1)).max(dim=1).values
+    return cls.clamp(min=0), foreground.any(dim=1)
+
+
+class AVETask(AVTask):
+    """AVMoE backbone + CMBS temporal-attention head with the official AVE losses and segment accuracy.
+
+    Args:
+        backbone: AVMoE backbone configuration (encoders, adapters).
+        head: temporal-attention head sizes.
+        optim: optimizer and schedule.
+    """
+
+    monitor = "val/acc"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        backbone: AVMoEConfig = AVMoEConfig(),
+        head: AVEHeadConfig = AVEHeadConfig(),
+        optim: OptimConfig = OptimConfig(),
+    ) -> None:
+        super().__init__(backbone=backbone, optim=optim)
+        self.head_config = as_config(AVEHeadConfig, head)
+        dims = self.backbone.feature_dims
+        self.head = AVEHead(dims["visual"], dims["audio"], self.head_config)
+        self.save_hyperparameters(plain({"backbone": self.backbone_config, "head": self.head_config,
+                                         "optim": self.optim}))
+
+    def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
+        return self.head(feats.visual, feats.audio)
+
+    def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
+        label = batch["label"]  # (B, T)
+        cls, has_event = video_class(label)
+        losses = {"loss_event": F.binary_cross_entropy_with_logits(outputs["is_event"], (label != BACKGROUND).float())}
+        if has_event.any():
+            losses["loss_class"] = F.cross_entropy(outputs["event_scores"][has_event], cls[has_event])
+            losses["loss_av"] = F.cross_entropy(outputs["av_score"][has_event], cls[has_event])
+        return losses
+
+    def make_metric(self) -> Metric:
+        return AVESegmentAccuracy()
+
+    def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
+        metric.update(batch[INDEX], self.predict_segments(outputs), batch["label"])
+
+    @staticmethod
+    def predict_segments(outputs: Outputs) -> Tensor:
+        return ave_segment_predictions(outputs["is_event"], outputs["event_scores"])
+
+    def sample_scores(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """Softmax probability of the clip's event class; background-only clips: mean P(background)."""
+        cls, has_event = video_class(batch["label"])
+        p_cls = outputs["event_scores"].float().softmax(-1).gather(1, cls[:, None]).squeeze(1)
+        p_bg = 1 - torch.sigmoid(outputs["is_event"].float()).mean(-1)
+        return torch.where(has_event, p_cls, p_bg)
+
+    def sample_correct(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """Fraction of correctly classified segments per clip."""
+        return (self.predict_segments(outputs) == batch["label"]).float().mean(-1)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        _, outputs = self(batch)
+        return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "segments": self.predict_segments(outputs)}

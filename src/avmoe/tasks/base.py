@@ -1,0 +1,225 @@
+"""Shared LightningModule for every audio-visual task.
+
+The base owns the backbone, the optimizer, logging, split metrics and the *modality contract* that the
+balancing callbacks rely on:
+
+- :meth:`AVTask.modality_parameters` -> ``{"audio": [...], "visual": [...]}`` by module ownership;
+- :meth:`AVTask.unimodal_outputs` -> head outputs with the other modality's features zeroed;
+- :meth:`AVTask.sample_scores` -> a per-sample score in [0, 1] (true-class probability, or ``exp(-loss)`` for
+  tasks that are not single-label classification) and :meth:`AVTask.sample_correct` for valuation;
+- ``feature_hooks``: callables ``(task, feats, batch) -> feats`` applied in training after the per-sample
+  modality masks, which is where forward-time methods (OPM) act;
+- ``last_step``: the detached features/outputs/batch of the latest training step when ``record_steps`` is on.
+
+Subclasses implement :meth:`head_forward`, :meth:`compute_losses`, :meth:`make_metric`,
+:meth:`update_metric` and :meth:`sample_scores`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Callable, Optional, TypeVar
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from avmoe.datamodules.batch import AUDIO_MASK, INDEX, VISUAL_MASK, batch_size
+from avmoe.models.avmoe import AVMoEBackbone
+from avmoe.models.config import AVMoEConfig
+from avmoe.models.outputs import BackboneOutput
+
+Batch = dict[str, Any]
+Outputs = dict[str, Tensor]
+FeatureHook = Callable[["AVTask", BackboneOutput, Batch], BackboneOutput]
+C = TypeVar("C")
+
+
+@dataclass
+class OptimConfig:
+    """Adam on the trainable parameters with an optional per-epoch StepLR (the official recipe)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    step_size: Optional[int] = 3
+    """StepLR period in epochs; None keeps the learning rate constant."""
+    gamma: float = 0.35
+
+
+@dataclass
+class StepRecord:
+    """What the latest training step saw (detached), for callbacks that need it after backward."""
+
+    feats: BackboneOutput
+    outputs: Outputs
+    batch: Batch
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def as_config(cls: type[C], value: Any) -> C:
+    """Accept a dataclass instance or a (nested) dict, e.g. from ``load_from_checkpoint`` hyper-parameters."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in value:
+            v = value[f.name]
+            sub = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
+            kwargs[f.name] = as_config(type(sub), v) if is_dataclass(sub) and isinstance(v, dict) else v
+    return cls(**kwargs)
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses -> dicts, so checkpoints load with ``weights_only=True`` and hparams.yaml is readable."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+class AVTask(LightningModule):
+    """Backbone + task head + losses + metrics. Not used directly: pick a task class in the config."""
+
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+
+    def __init__(self, backbone: AVMoEConfig, optim: OptimConfig) -> None:
+        super().__init__()
+        self.backbone_config = as_config(AVMoEConfig, backbone)
+        self.optim = as_config(OptimConfig, optim)
+        self.backbone = AVMoEBackbone(self.backbone_config)
+        self.metrics = nn.ModuleDict({"val_metric": self.make_metric(), "test_metric": self.make_metric()})
+        self.feature_hooks: list[FeatureHook] = []
+        self.record_steps = False
+        self.last_step: Optional[StepRecord] = None
+
+    # ---- task-specific pieces ---------------------------------------------------------------------------
+    @abstractmethod
+    def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
+        """Run the task head on backbone features."""
+
+    @abstractmethod
+    def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
+        """Named loss terms (summed into the training loss)."""
+
+    @abstractmethod
+    def make_metric(self) -> Metric:
+        """The official metric for this task (one instance per split)."""
+
+    @abstractmethod
+    def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
+        """Feed one batch to the split metric."""
+
+    @abstractmethod
+    def sample_scores(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """Per-sample score in [0, 1], higher is better, shape (B,)."""
+
+    def sample_correct(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """Per-sample correctness in [0, 1] (valuation). Defaults to :meth:`sample_scores`."""
+        return self.sample_scores(outputs, batch)
+
+    def head_modality_modules(self) -> dict[str, list[nn.Module]]:
+        """Head modules owned by one modality. Override when the head has uni-modal branches."""
+        head = getattr(self, "head", None)
+        return head.modality_modules() if hasattr(head, "modality_modules") else {"audio": [], "visual": []}
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def encode(self, batch: Batch) -> BackboneOutput:
+        """Backbone features with per-sample modality masks and (in training) the feature hooks applied."""
+        feats = self.backbone(batch["video"], batch["audio"])
+        feats = feats.with_modality_scale(audio=batch.get(AUDIO_MASK), visual=batch.get(VISUAL_MASK))
+        if self.training:
+            for hook in self.feature_hooks:
+                feats = hook(self, feats, batch)
+        return feats
+
+    def forward(self, batch: Batch) -> tuple[BackboneOutput, Outputs]:
+        feats = self.encode(batch)
+        return feats, self.head_forward(feats, batch)
+
+    # ---- modality contract ------------------------------------------------------------------------------
+    def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters per modality, by module ownership (backbone adapters + head branches)."""
+        groups = self.backbone.modality_parameters()
+        for modality, modules in self.head_modality_modules().items():
+            groups[modality] = groups[modality] + [p for m in modules for p in m.parameters() if p.requires_grad]
+        return groups
+
+    def unimodal_outputs(self, feats: BackboneOutput, batch: Batch) -> dict[str, Outputs]:
+        """Head outputs of each modality alone: the other modality's features are zeroed before the head."""
+        return {"audio": self.head_forward(feats.drop("visual"), batch),
+                "visual": self.head_forward(feats.drop("audio"), batch)}
+
+    # ---- loops ------------------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> Optional[Tensor]:
+        if batch_size(batch) == 0:  # every clip of this batch failed to decode under the skip policy
+            return None
+        feats, outputs = self(batch)
+        losses = self.compute_losses(outputs, batch)
+        loss = torch.stack(list(losses.values())).sum() + feats.aux_loss
+        bs = batch_size(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        if self.backbone_config.adapter.load_balance_weight > 0:
+            self.log("train/load_balance", feats.aux_loss, batch_size=bs)
+        if self.record_steps:
+            self.last_step = StepRecord(feats.detach(), {k: v.detach() for k, v in outputs.items()}, batch)
+        return loss
+
+    def _eval_step(self, batch: Batch, split: str) -> Outputs:
+        if batch_size(batch) == 0:
+            return {}
+        feats, outputs = self(batch)
+        losses = self.compute_losses(outputs, batch)
+        loss = torch.stack(list(losses.values())).sum()
+        self.log(f"{split}/loss", loss, batch_size=batch_size(batch), sync_dist=True)
+        self.update_metric(self.metrics[f"{split}_metric"], outputs, batch)
+        return outputs
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_metric(self, split: str) -> None:
+        metric = self.metrics[f"{split}_metric"]
+        values = metric.compute()
+        metric.reset()
+        for name, value in values.items():
+            self.log(f"{split}/{name}", value, prog_bar=name == self.monitor.split("/")[-1], sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metric("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metric("test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        _, outputs = self(batch)
+        return {INDEX: batch[INDEX], **outputs}
+
+    # ---- optimisation -----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.optim.lr, betas=tuple(self.optim.betas),
+                               weight_decay=self.optim.weight_decay)
+        if not self.optim.step_size:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.optim.step_size, gamma=self.optim.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Frozen and trainable parameter counts (README figures come from this)."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": trainable, "frozen": total - trainable, "total": total}
