@@ -96,3 +96,23 @@ def test_modality_masks_zero_features(task):
         feats = task.encode(batch)
     assert feats.audio[0].abs().sum() == 0 and feats.audio[1].abs().sum() > 0
     assert feats.visual[0].abs().sum() > 0
+
+
+def test_checkpoints_omit_frozen_pretrained_encoders(tmp_path):
+    """Encoders loaded from local weights are not copied into every checkpoint, and reload strictly."""
+    from avmoe.models.backbones import htsat, swin
+
+    cfg = tiny_config()
+    swin.build_swin(cfg.visual).save_pretrained(tmp_path / "swin")
+    htsat.build_htsat(cfg.audio).save_pretrained(tmp_path / "htsat")
+    cfg = tiny_config(visual={"pretrained": str(tmp_path / "swin")}, audio={"pretrained": str(tmp_path / "htsat")})
+    task = AVETask(backbone=cfg, head=TINY_HEAD)
+    ckpt = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(ckpt)
+    assert not any(k.startswith("backbone.visual_encoder.") for k in ckpt["state_dict"])
+    assert any(k.startswith("backbone.adapters") or ".adapter" in k for k in ckpt["state_dict"])
+    fresh = AVETask(backbone=cfg, head=TINY_HEAD)
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"], strict=True)
+    for (k, a), b in zip(task.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k

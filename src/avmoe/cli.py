@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from jsonargparse import set_docstring_parse_options
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
@@ -31,6 +32,8 @@ from avmoe.datamodules.base import AVDataModule
 from avmoe.tasks.base import AVTask
 
 SIGTERM_EXIT_CODE = 143
+# Field docstrings of our config dataclasses become --help text (litgpt does the same).
+set_docstring_parse_options(attribute_docstrings=True)
 
 
 @dataclass
@@ -135,10 +138,11 @@ def init_weights(model: LightningModule, ckpt_path: str, strict: bool = True) ->
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"run.init_from: checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt)
+    omitted = tuple(ckpt.get("omitted_frozen_prefixes", ()))  # frozen pretrained encoders: rebuilt, not stored
     own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
+    missing = sorted(k for k in own if k not in state and not (omitted and k.startswith(omitted)))
     unexpected = sorted(k for k in state if k not in own)
     shape = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
     if strict and (missing or unexpected or shape):

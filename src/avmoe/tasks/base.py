@@ -35,6 +35,7 @@ Batch = dict[str, Any]
 Outputs = dict[str, Tensor]
 FeatureHook = Callable[["AVTask", BackboneOutput, Batch], BackboneOutput]
 C = TypeVar("C")
+OMITTED_KEY = "omitted_frozen_prefixes"  # checkpoint entry naming the encoder weights left out of it
 
 
 @dataclass
@@ -217,6 +218,34 @@ class AVTask(LightningModule):
             return opt
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.optim.step_size, gamma=self.optim.gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def frozen_pretrained_prefixes(self) -> list[str]:
+        """State-dict prefixes of encoders that are frozen, in eval mode and loaded from local weights.
+
+        Their weights are left out of checkpoints (Swin-V2-L alone is 780 MB) and restored from the same local
+        weights when the model is rebuilt; random-init encoders are always saved, so demos and tests resume.
+        """
+        cfg, out = self.backbone_config, []
+        if cfg.visual.pretrained and not (cfg.visual.trainable or cfg.visual.train_mode):
+            out.append("backbone.visual_encoder.")
+        if (cfg.audio.pretrained or cfg.audio.htsat_checkpoint) and not (cfg.audio.trainable or cfg.audio.train_mode):
+            out.append("backbone.audio_encoder.")
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = tuple(self.frozen_pretrained_prefixes())
+        if prefixes:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(prefixes)]:
+                del state[key]
+            checkpoint[OMITTED_KEY] = list(prefixes)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = tuple(checkpoint.get(OMITTED_KEY, ()))
+        if prefixes:
+            own = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+            checkpoint["state_dict"].update(own)
 
     def parameter_counts(self) -> dict[str, int]:
         """Frozen and trainable parameter counts (README figures come from this)."""
