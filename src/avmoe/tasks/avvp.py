@@ -1,0 +1,135 @@
+"""AVVP audio-visual video parsing on LLP: which of 25 events are heard and which are seen, in which 1-s segments,
+learned from weak video-level labels (``reference/avmoe.md`` 4.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+
+from avmoe.datamodules.batch import INDEX
+from avmoe.metrics.avvp import AVVPMetric, avvp_predictions
+from avmoe.models.config import AVMoEConfig
+from avmoe.models.heads.avvp import AVVPHeadConfig, build_avvp_head
+from avmoe.models.outputs import BackboneOutput
+from avmoe.models.presets import paper_adapter
+from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, as_config, plain
+
+PROB_EPS = 1e-7
+
+
+@dataclass
+class AVVPLossConfig:
+    """The official AVVP losses (AVMOE/AVVP ``main.py::train``)."""
+
+    audio_smoothing: float = 1.0
+    """Audio target ``a * y + (1 - a) / 2`` (1.0: none, as official)."""
+    visual_smoothing: float = 0.9
+    """Visual target ``v * y + (1 - v) / 2`` = ``0.9 y + 0.05`` officially (weak labels often miss in vision)."""
+    class_token_weight: float = 1.0
+    """Weight of the two class-token cross-entropies ``CE(fc_cls(tokens), arange(25))``."""
+
+
+def clamped_bce(prob: Tensor, target: Tensor) -> Tensor:
+    """``nn.BCELoss`` on probabilities clamped to [1e-7, 1 - 1e-7], as official, in float32 outside autocast
+    (binary_cross_entropy refuses to autocast)."""
+    with torch.autocast(device_type=prob.device.type, enabled=False):
+        return F.binary_cross_entropy(prob.float().clamp(PROB_EPS, 1 - PROB_EPS), target.float())
+
+
+def per_sample_bce(prob: Tensor, target: Tensor) -> Tensor:
+    """Mean over classes of the clamped BCE, per sample. (B, C) -> (B,)."""
+    with torch.autocast(device_type=prob.device.type, enabled=False):
+        p = prob.float().clamp(PROB_EPS, 1 - PROB_EPS)
+        return F.binary_cross_entropy(p, target.float(), reduction="none").mean(-1)
+
+
+def default_backbone() -> AVMoEConfig:
+    """Paper-scale backbone with the official AVVP adapters (param-free UA, 12 positions, no BN, LB x1.0)."""
+    return AVMoEConfig(adapter=paper_adapter("avvp"))
+
+
+class AVVPTask(AVTask):
+    """AVMoE backbone + MGN head (or the MMIL baseline head) with the official AVVP losses and the official
+    segment- and event-level F-scores.
+
+    Training uses only the weak video-level ``labels``: BCE on the fused video-level probabilities, on the audio
+    ones and on the label-smoothed visual ones, the class-token cross-entropies (MGN), plus the backbone's
+    load-balancing loss (``backbone.adapter.load_balance_weight``, 1.0 officially; added by :class:`AVTask`).
+    Validation and test score the dense ``gt_audio`` / ``gt_visual``; model selection uses segment-level
+    Type@AV (``val/segment_type``), as ``main_avvp.py``.
+
+    Args:
+        backbone: AVMoE backbone configuration (encoders, adapters).
+        head: head architecture (``mgn`` officially, ``mmil`` baseline) and sizes.
+        loss: label smoothing and class-token loss weight.
+        optim: optimizer and schedule (official: Adam 3e-4, StepLR(10, 0.1)).
+    """
+
+    monitor = "val/segment_type"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        backbone: AVMoEConfig = default_backbone(),
+        head: AVVPHeadConfig = AVVPHeadConfig(),
+        loss: AVVPLossConfig = AVVPLossConfig(),
+        optim: OptimConfig = OptimConfig(lr=3e-4, step_size=10, gamma=0.1),
+    ) -> None:
+        super().__init__(backbone=backbone, optim=optim)
+        self.head_config = as_config(AVVPHeadConfig, head)
+        self.loss_config = as_config(AVVPLossConfig, loss)
+        dims = self.backbone.feature_dims
+        self.head = build_avvp_head(dims["visual"], dims["audio"], self.head_config)
+        self.register_buffer("class_ids", torch.arange(self.head_config.num_classes), persistent=False)
+        self.save_hyperparameters(plain({"backbone": self.backbone_config, "head": self.head_config,
+                                         "loss": self.loss_config, "optim": self.optim}))
+
+    def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
+        return self.head(feats.visual, feats.audio, batch.get("visual_st"))
+
+    def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
+        y = batch["labels"]  # (B, C) weak labels
+        cfg = self.loss_config
+        smooth_a, smooth_v = cfg.audio_smoothing, cfg.visual_smoothing  # target s * y + (1 - s) / 2
+        losses = {
+            "loss_global": clamped_bce(outputs["global_prob"], y),
+            "loss_audio": clamped_bce(outputs["audio_prob"], smooth_a * y + (1 - smooth_a) / 2),
+            "loss_visual": clamped_bce(outputs["visual_prob"], smooth_v * y + (1 - smooth_v) / 2),
+        }
+        if cfg.class_token_weight and "audio_cls_logits" in outputs:  # MGN only
+            for side in ("audio", "visual"):
+                ce = F.cross_entropy(outputs[f"{side}_cls_logits"].float(), self.class_ids)
+                losses[f"loss_cls_{side}"] = cfg.class_token_weight * ce
+        return losses
+
+    def make_metric(self) -> Metric:
+        return AVVPMetric()
+
+    def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
+        if "gt_audio" not in batch or "gt_visual" not in batch:
+            raise KeyError("AVVP evaluation needs dense 'gt_audio' and 'gt_visual' in the batch (val/test splits)")
+        metric.update(batch[INDEX], outputs["global_prob"], outputs["audio_seg_prob"], outputs["visual_seg_prob"],
+                      batch["gt_audio"], batch["gt_visual"])
+
+    def sample_scores(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """``exp(-BCE)`` of the video-level probabilities against the weak labels (mean over classes), (B,)."""
+        return torch.exp(-per_sample_bce(outputs["global_prob"], batch["labels"]))
+
+    def sample_correct(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """Jaccard index of the predicted (p >= 0.5) and the true video-level label sets (1 when both are empty)."""
+        pred = outputs["global_prob"] >= 0.5
+        true = batch["labels"] >= 0.5
+        inter, union = (pred & true).sum(-1).float(), (pred | true).sum(-1).float()
+        return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Official binary parsing: audio/visual (B, C, T) predictions masked by the video-level ones."""
+        _, outputs = self(batch)
+        audio, visual = avvp_predictions(outputs["global_prob"], outputs["audio_seg_prob"], outputs["visual_seg_prob"])
+        return {INDEX: batch[INDEX], "filename": batch.get("filename"), "global_prob": outputs["global_prob"],
+                "audio": audio, "visual": visual}
