@@ -1,0 +1,325 @@
+"""AVSBench-object (OpenNLPLab/AVSBench): audio-visual segmentation, S4 (single source) and MS3 (multi-source).
+
+Layouts under ``root`` (``reference/datasets.md`` section 3.1)::
+
+    S4:  s4_meta_data.csv                 columns by position: 0 video_name, 1 start_time, 2 category, 3 split
+         s4_data/visual_frames/<split>/<category>/<video>/<video>_<1..5>.png
+         s4_data/audio_wav/<split>/<category>/<video>.wav
+         s4_data/gt_masks/<split>/<category>/<video>/<video>_<i>.png      train: i = 1 only; val/test: 1..5
+    MS3: ms3_meta_data.csv                columns by position: 0 video_name, 1 split
+         ms3_data/visual_frames/<video>/<video>.mp4_<1..5>.png            (".mp4_" in the name, no split folder)
+         ms3_data/audio_wav/<split>/<video>.wav
+         ms3_data/gt_masks/<split>/<video>/<video>_<1..5>.png             all five frames, every split
+
+As the official loaders, the split is the column named ``split``, the S4 category the column named
+``category`` and the video name column 0. One sample = one CSV row of the split, in CSV order.
+
+Frames: the five 224x224 PNGs (one per second), read with PIL as RGB and kept as uint8 ``(5, 3, S, S)``
+(``S = image_size``, 224 = no resampling; the backbone resizes to its own input size on the device).
+Audio: ``audio_wav`` (16 kHz stereo) averaged to mono, resampled to the log-mel rate and cut into five
+one-second segments (``avmoe.datamodules.audio.LogMel``). Masks: explicitly binarised, ``value > 0``
+(palette index for mode ``P`` PNGs, grey level otherwise; the official loaders rely on ``convert('1')``
+thresholding / palette indices 0 and 1), ``(5, 1, H, W)`` float {0, 1} with ``mask_valid`` (5,) marking the
+annotated frames (unannotated frames hold zeros and must be ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .audio import LogMel, LogMelConfig
+from .base import AVDataModule, ClipDataset, DecodePolicy, resize_frames
+from .decoding import DecodeError, read_audio
+
+Setting = Literal["s4", "ms3"]
+NUM_FRAMES = 5
+MASK_SIZE = 224
+SETTINGS: tuple[str, ...] = ("s4", "ms3")
+SPLIT_VALUES: tuple[str, ...] = ("train", "val", "test")
+# preprocess_s4.py AVSBenchDataset: the 23 S4 categories (the MS3 CSV has none).
+S4_CATEGORIES: tuple[str, ...] = (
+    "baby_laughter", "female_singing", "male_speech", "dog_barking", "cat_meowing", "lions_roaring",
+    "horse_clip-clop", "coyote_howling", "mynah_bird_singing", "playing_acoustic_guitar", "playing_tabla",
+    "playing_violin", "playing_piano", "playing_ukulele", "playing_glockenspiel", "helicopter", "race_car",
+    "driving_buses", "ambulance_siren", "typing_on_computer_keyboard", "chainsawing_trees", "cap_gun_shooting",
+    "lawn_mowing",
+)
+
+
+def meta_csv_name(setting: str) -> str:
+    return f"{setting}_meta_data.csv"
+
+
+def data_dir_name(setting: str) -> str:
+    return f"{setting}_data"
+
+
+def _check_setting(setting: str) -> None:
+    if setting not in SETTINGS:
+        raise ValueError(f"AVSBench setting must be 's4' or 'ms3', got {setting!r}")
+
+
+def read_avsbench_csv(path: str | os.PathLike[str], setting: Setting) -> pd.DataFrame:
+    """Parse ``s4_meta_data.csv`` / ``ms3_meta_data.csv``.
+
+    Returns:
+        DataFrame with ``video_id`` (str, column 0), ``category`` (str; S4 column ``category``, MS3 empty),
+        ``split`` (str) and ``line`` (1-based line in the file, header = line 1).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: missing ``split`` / ``category`` column, or a row with an empty name / category or a split
+            other than train/val/test; the message names the file and the line.
+    """
+    _check_setting(setting)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"AVSBench annotation file not found: {path}")
+    try:
+        frame = pd.read_csv(path, sep=",", dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable CSV ({err})") from None
+    needed = ["split"] + (["category"] if setting == "s4" else [])
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; header is {list(frame.columns)}")
+    out = pd.DataFrame({
+        "video_id": frame.iloc[:, 0].str.strip(),
+        "category": frame["category"].str.strip() if setting == "s4" else "",
+        "split": frame["split"].str.strip(),
+        "line": np.arange(2, len(frame) + 2, dtype=np.int64),
+    })
+    _validate_rows(out, path, setting)
+    return out
+
+
+def _validate_rows(table: pd.DataFrame, path: Path, setting: str) -> None:
+    bad_split = ~table["split"].isin(SPLIT_VALUES)
+    if bad_split.any():
+        row = table[bad_split].iloc[0]
+        raise ValueError(f"{path}, line {row['line']}: split must be one of {SPLIT_VALUES}, got {row['split']!r}")
+    empty = table["video_id"] == ""
+    if setting == "s4":
+        empty |= table["category"] == ""
+    if empty.any():
+        row = table[empty].iloc[0]
+        raise ValueError(f"{path}, line {row['line']}: empty video name or category")
+
+
+def read_png_rgb(path: Path) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of one frame; :class:`DecodeError` naming the file when missing or undecodable."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    if not path.is_file():
+        raise DecodeError(path, "frame missing (expected a PNG frame here)")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DecodeError(path, f"cannot decode the frame ({type(err).__name__}: {err})") from err
+
+
+def read_mask(path: Path, size: int, threshold: int = 0) -> np.ndarray:
+    """Binary mask ``(size, size)`` bool: ``value > threshold`` (palette index for mode ``P``, grey otherwise).
+
+    Raises:
+        DecodeError: missing or undecodable file, or a mask that is not ``size x size``; names the file.
+    """
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    if not path.is_file():
+        raise DecodeError(path, "ground-truth mask missing")
+    try:
+        with Image.open(path) as img:
+            if img.size != (size, size):
+                raise DecodeError(path, f"mask is {img.size[0]}x{img.size[1]} (WxH), expected {size}x{size}")
+            if img.mode in ("P", "1", "L", "I", "I;16", "F"):
+                values = np.asarray(img)
+            else:  # RGB(A), LA: grey level
+                values = np.asarray(img.convert("L"))
+    except DecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DecodeError(path, f"cannot decode the mask ({type(err).__name__}: {err})") from err
+    return values > threshold
+
+
+class AVSBenchDataset(ClipDataset):
+    """One split of S4 or MS3 (see the module docstring for paths and sample contents).
+
+    Args:
+        root: folder holding ``<setting>_meta_data.csv`` and ``<setting>_data/``.
+        setting: ``s4`` or ``ms3``.
+        split: ``train``, ``val`` or ``test`` (folder names and the annotated-frame rule).
+        table: the rows of this split (:func:`read_avsbench_csv`).
+        image_size: frame side after resizing (224 keeps the official frames untouched).
+        mask_size: expected mask side; other sizes are an error.
+        audio: log-mel front end.
+        mask_threshold: foreground is ``value > mask_threshold``.
+        on_decode_error: decode-error policy.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        setting: Setting,
+        split: str,
+        table: pd.DataFrame,
+        image_size: int = MASK_SIZE,
+        mask_size: int = MASK_SIZE,
+        audio: LogMelConfig = LogMelConfig(),
+        mask_threshold: int = 0,
+        on_decode_error: DecodePolicy = "raise",
+    ) -> None:
+        super().__init__(on_decode_error)
+        self.data_dir = Path(root) / data_dir_name(setting)
+        self.setting = setting
+        self.split = split
+        # Fixed-width unicode arrays, not lists of str: no copy-on-read refcount growth in workers.
+        self.video_ids = table["video_id"].to_numpy(dtype=np.str_)
+        self.categories = table["category"].to_numpy(dtype=np.str_)
+        self.image_size = image_size
+        self.mask_size = mask_size
+        self.mask_threshold = mask_threshold
+        self.logmel = LogMel(audio)
+        # S4 train clips are annotated on the first frame only (the official one-shot setting).
+        annotated = 1 if (setting == "s4" and split == "train") else NUM_FRAMES
+        self.mask_valid = np.arange(NUM_FRAMES) < annotated
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    # ---- paths (official layouts) ----------------------------------------------------------------------------
+    def _clip_dir(self, kind: str, index: int) -> Path:
+        video, category = str(self.video_ids[index]), str(self.categories[index])
+        if self.setting == "s4":
+            return self.data_dir / kind / self.split / category / video
+        if kind == "visual_frames":
+            return self.data_dir / kind / video
+        return self.data_dir / kind / self.split / video
+
+    def frame_path(self, index: int, frame: int) -> Path:
+        """Path of frame ``frame`` (0-based) of clip ``index``."""
+        video = str(self.video_ids[index])
+        stem = f"{video}.mp4" if self.setting == "ms3" else video
+        return self._clip_dir("visual_frames", index) / f"{stem}_{frame + 1}.png"
+
+    def mask_path(self, index: int, frame: int) -> Path:
+        return self._clip_dir("gt_masks", index) / f"{self.video_ids[index]}_{frame + 1}.png"
+
+    def audio_path(self, index: int) -> Path:
+        clip = self._clip_dir("audio_wav", index)
+        return clip.parent / f"{clip.name}.wav"
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    def load_frames(self, index: int) -> torch.Tensor:
+        """``(5, 3, image_size, image_size)`` uint8."""
+        frames = [read_png_rgb(self.frame_path(index, t)) for t in range(NUM_FRAMES)]
+        first = frames[0].shape
+        for t, frame in enumerate(frames):
+            if frame.shape != first:
+                raise DecodeError(self.frame_path(index, t), f"frame is {frame.shape[1]}x{frame.shape[0]}, "
+                                  f"but frame 1 of the clip is {first[1]}x{first[0]}")
+        return resize_frames(np.stack(frames), self.image_size)
+
+    def load_masks(self, index: int) -> torch.Tensor:
+        """``(5, 1, mask_size, mask_size)`` float {0, 1}; zeros on frames that are not annotated."""
+        masks = np.zeros((NUM_FRAMES, 1, self.mask_size, self.mask_size), dtype=np.float32)
+        for t in np.flatnonzero(self.mask_valid):
+            masks[t, 0] = read_mask(self.mask_path(index, int(t)), self.mask_size, self.mask_threshold)
+        return torch.from_numpy(masks)
+
+    def load_audio(self, index: int) -> torch.Tensor:
+        """``(5, frames, n_mels)`` float32 log-mel of the clip's wav."""
+        path = self.audio_path(index)
+        wave = read_audio(path, self.logmel.config.sample_rate)
+        return torch.from_numpy(self.logmel(wave, NUM_FRAMES, path=str(path)))
+
+    def load(self, index: int) -> dict[str, Any]:
+        return {
+            "video": self.load_frames(index),
+            "audio": self.load_audio(index),
+            "mask": self.load_masks(index),
+            "mask_valid": torch.from_numpy(self.mask_valid.copy()),
+            "video_id": str(self.video_ids[index]),
+            "category": str(self.categories[index]),
+        }
+
+
+class AVSBenchDataModule(AVDataModule):
+    """AVSBench-object S4 / MS3 segmentation: five 1-s frames per clip with binary sound-source masks.
+
+    Samples: ``video`` (5, 3, S, S) uint8, ``audio`` (5, F, M) float32, ``mask`` (5, 1, 224, 224) float {0, 1},
+    ``mask_valid`` (5,) bool, ``video_id`` and ``category`` (S4; empty for MS3) str, plus ``index`` and the
+    modality masks (``avmoe.datamodules.batch``).
+
+    Args:
+        root: folder holding ``s4_meta_data.csv`` + ``s4_data/`` (``avsbench_data/Single-source``) or
+            ``ms3_meta_data.csv`` + ``ms3_data/`` (``avsbench_data/Multi-sources``).
+        setting: ``s4`` (single source; train annotated on frame 1 only) or ``ms3`` (multi-source).
+        image_size: frame side in the batch; 224 keeps the released frames as they are (the backbone resizes
+            to its input size on the device).
+        mask_size: side of the released masks (224); a mask of another size is an error naming the file.
+        mask_threshold: a mask pixel is foreground when its value (palette index / grey level) exceeds this.
+        **kwargs: :class:`~avmoe.datamodules.base.AVDataModule` arguments.
+    """
+
+    num_frames = NUM_FRAMES
+
+    def __init__(
+        self,
+        root: str,
+        setting: Setting = "s4",
+        image_size: int = MASK_SIZE,
+        mask_size: int = MASK_SIZE,
+        mask_threshold: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(root, image_size=image_size, **kwargs)
+        _check_setting(setting)
+        self.setting = setting
+        self.mask_size = mask_size
+        self.mask_threshold = mask_threshold
+        self._table: Optional[pd.DataFrame] = None
+
+    def _check_layout(self) -> Path:
+        root = Path(self.root)
+        csv, data = meta_csv_name(self.setting), data_dir_name(self.setting)
+        expected = f"{csv} and {data}/{{visual_frames,audio_wav,gt_masks}}"
+        if not root.is_dir():
+            raise FileNotFoundError(f"AVSBench root {root} does not exist (expected a folder with {expected})")
+        missing = [] if (root / csv).is_file() else [csv]
+        missing += [f"{data}/{sub}/" for sub in ("visual_frames", "audio_wav", "gt_masks")
+                    if not (root / data / sub).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"AVSBench {self.setting.upper()} root {root} lacks {', '.join(missing)} "
+                                    f"(expected {expected})")
+        return root
+
+    def table(self) -> pd.DataFrame:
+        """The parsed meta-data CSV (read once per process)."""
+        if self._table is None:
+            self._table = read_avsbench_csv(self._check_layout() / meta_csv_name(self.setting), self.setting)
+        return self._table
+
+    def build_dataset(self, split: str) -> Dataset:
+        rows = self.table()
+        rows = rows[rows["split"] == split].reset_index(drop=True)
+        return AVSBenchDataset(
+            str(self._check_layout()),
+            self.setting,
+            split,
+            rows,
+            image_size=self.image_size,
+            mask_size=self.mask_size,
+            audio=self.audio,
+            mask_threshold=self.mask_threshold,
+            on_decode_error=self.on_decode_error,
+        )

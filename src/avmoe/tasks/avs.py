@@ -1,0 +1,200 @@
+"""AVS: audio-visual segmentation on AVSBench S4 / MS3 (pixel masks of the sounding objects, 5 frames per clip).
+
+Losses (``reference/avmoe.md`` 4.3, AVSBench ``avs_{s4,ms3}/loss.py``):
+
+- ``loss_bce``: binary cross-entropy on the logits of the *annotated* frames (``mask_valid``), averaged over
+  their pixels. S4 training clips are annotated on frame 1 only, so this is the official S4 loss
+  (``F1_IoU_BCELoss`` on the first frame); MS3 clips are annotated on all five (``F5_IoU_BCELoss``).
+- ``loss_masked_av`` (MS3, ``loss.masked_av_weight`` = lambda_1 = 0.5): ``A_MaskedV_SimmLoss`` with
+  ``--kl_flag``: per stage, the logits are average-pooled to the stage map, passed through a sigmoid, weight
+  the (ReLU'd) TPAVI map, are averaged over space and compared with the TPAVI-aligned audio by
+  ``KL(softmax(audio) || softmax(masked visual))`` summed over frames and channels; mean over stages.
+- The load-balancing term of the MoE routers comes with the backbone (``adapter.load_balance_weight``, 0.01 MS3).
+
+Visual-only evaluation (``visual_only_eval``, the paper's missing-modality study; official ``--visual_only 1``):
+at validation / test / predict time the audio is replaced by *silence*. The official code zeroes the waveform;
+the log-mel of a zero waveform is ``10 log10(amin) = -100 dB`` in every bin (``LogMel``: ref 1.0, amin 1e-10), so
+the audio input becomes that constant (:func:`silence_db`); the HTS-AT still runs, as in the official code. This
+differs from ``audio_mask = 0``, which zeroes the audio *features* after the backbone. Training is unaffected.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+
+from avmoe.datamodules.batch import INDEX
+from avmoe.metrics.avs import OFFICIAL_CLIPS_PER_BATCH, AVSMetric, frame_iou
+from avmoe.models.config import AVMoEConfig
+from avmoe.models.heads.avs import AVSHead, AVSHeadConfig
+from avmoe.models.outputs import BackboneOutput
+from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, as_config, plain
+
+
+@functools.cache
+def silence_db() -> float:
+    """Log-mel value of an all-zero waveform in the data front end (``LogMel``): ``power_to_db(0)`` with ref 1.0
+    and amin 1e-10 in float32, i.e. -100 dB up to float32 rounding (-100.00001)."""
+    import librosa  # noqa: PLC0415
+
+    return float(librosa.power_to_db(np.zeros(1, dtype=np.float32), ref=1.0, amin=1e-10, top_db=None)[0])
+
+
+@dataclass
+class AVSLossConfig:
+    """Loss terms beyond the BCE on annotated frames."""
+
+    masked_av_weight: float = 0.0
+    """lambda_1 of the masked audio-visual KL loss (0 = off; 0.5 in the official MS3 script)."""
+    masked_av_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Stages the masked AV loss uses (each must have a TPAVI block)."""
+    mask_pooling: Literal["avg", "max"] = "avg"
+    """How the predicted mask is pooled to a stage map (official default: avg)."""
+    normalize_features: bool = False
+    """L2-normalise both features before the KL (official ``--norm_fea_flag``, off in the MS3 script)."""
+
+
+def silence_like(audio: Tensor) -> Tensor:
+    """The log-mel of silence with the shape of ``audio`` (see :func:`silence_db`)."""
+    return torch.full_like(audio, silence_db())
+
+
+def masked_av_loss(
+    logits: Tensor, maps: list[Tensor], audio: list[Tensor], pooling: str = "avg", normalize: bool = False
+) -> Tensor:
+    """AVSBench ``A_MaskedV_SimmLoss`` (KL variant, no thresholding).
+
+    Args:
+        logits: (B, T, S, S) mask logits.
+        maps: per stage (M, C, h, w) visual maps (M = B * T).
+        audio: per stage (B, T, C) audio features.
+        pooling: ``avg`` or ``max`` pooling of the logits to (h, w).
+        normalize: L2-normalise the features first.
+
+    Returns:
+        Scalar: mean over stages of ``KL(softmax(a) || softmax(v))`` summed over frames and channels.
+    """
+    pred = logits.flatten(0, 1).unsqueeze(1)  # (M, 1, S, S)
+    pool = F.adaptive_avg_pool2d if pooling == "avg" else F.adaptive_max_pool2d
+    total = logits.new_zeros(())
+    for v_map, a in zip(maps, audio):
+        weight = torch.sigmoid(pool(pred, v_map.shape[-2:]))  # (M, 1, h, w)
+        v = (v_map * weight).mean((-2, -1))  # (M, C)
+        a = a.reshape(-1, a.shape[-1])  # (M, C)
+        if normalize:
+            v, a = F.normalize(v, dim=-1), F.normalize(a, dim=-1)
+        total = total + F.kl_div(F.log_softmax(v, -1), F.softmax(a, -1), reduction="sum")
+    return total / max(len(maps), 1)
+
+
+class AVSTask(AVTask):
+    """AVMoE backbone + AVS head (taps, temporal gating, TPAVI, decoder) with the official losses and M_J / M_F.
+
+    Args:
+        backbone: AVMoE backbone configuration (encoders, adapters; ``audio.trainable`` = the S4 quirk).
+        head: AVS head sizes.
+        loss: extra loss terms (MS3 masked AV loss).
+        optim: optimizer and schedule.
+        visual_only_eval: evaluate (val / test / predict) with the audio replaced by silence.
+        metric_clips_per_batch: clips per call of the official metric aggregation (4 as the official test).
+    """
+
+    monitor = "val/mj"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        backbone: AVMoEConfig = AVMoEConfig(),
+        head: AVSHeadConfig = AVSHeadConfig(),
+        loss: AVSLossConfig = AVSLossConfig(),
+        optim: OptimConfig = OptimConfig(step_size=None),
+        visual_only_eval: bool = False,
+        metric_clips_per_batch: int = OFFICIAL_CLIPS_PER_BATCH,
+    ) -> None:
+        self.metric_clips_per_batch = metric_clips_per_batch  # read by make_metric inside super().__init__
+        super().__init__(backbone=backbone, optim=optim)
+        self.head_config = as_config(AVSHeadConfig, head)
+        self.loss_config = as_config(AVSLossConfig, loss)
+        self.visual_only_eval = visual_only_eval
+        missing = sorted(set(self.loss_config.masked_av_stages) - set(self.head_config.tpavi_stages))
+        if self.loss_config.masked_av_weight > 0 and missing:
+            raise ValueError(f"loss.masked_av_stages {missing} have no TPAVI block (head.tpavi_stages = "
+                             f"{self.head_config.tpavi_stages})")
+        dims = self.backbone.feature_dims
+        self.head = AVSHead(dims["visual_stages"], dims["audio"], self.head_config)
+        self.save_hyperparameters(plain({
+            "backbone": self.backbone_config, "head": self.head_config, "loss": self.loss_config,
+            "optim": self.optim, "visual_only_eval": visual_only_eval,
+            "metric_clips_per_batch": metric_clips_per_batch,
+        }))
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def encode(self, batch: Batch) -> BackboneOutput:
+        if self.visual_only_eval and not self.training:
+            batch = {**batch, "audio": silence_like(batch["audio"])}
+        return super().encode(batch)
+
+    def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
+        return self.head(feats.visual_stages, feats.visual_grids, feats.audio)
+
+    # ---- losses ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _targets(outputs: Outputs, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        logits = outputs["logits"]  # (B, T, S, S)
+        target = batch["mask"][:, :, 0].to(logits.dtype)  # (B, T, S, S)
+        if target.shape != logits.shape:
+            raise ValueError(f"masks have shape {tuple(target.shape)} but the head predicts {tuple(logits.shape)}; "
+                             "set head.mask_size to the data's mask_size")
+        return logits, target, batch["mask_valid"].bool()
+
+    def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
+        logits, target, valid = self._targets(outputs, batch)
+        losses = {"loss_bce": F.binary_cross_entropy_with_logits(logits[valid].float(), target[valid].float())}
+        cfg = self.loss_config
+        if cfg.masked_av_weight > 0:
+            stages = sorted(set(cfg.masked_av_stages))
+            maps = [outputs[f"stage_map_{s}"] for s in stages]
+            audio = [outputs[f"stage_audio_{s}"] for s in stages]
+            kl = masked_av_loss(logits.float(), maps, audio, cfg.mask_pooling, cfg.normalize_features)
+            losses["loss_masked_av"] = cfg.masked_av_weight * kl
+        return losses
+
+    # ---- metrics --------------------------------------------------------------------------------------------
+    def make_metric(self) -> Metric:
+        return AVSMetric(clips_per_batch=self.metric_clips_per_batch)
+
+    def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
+        logits, target, valid = self._targets(outputs, batch)
+        metric.update(batch[INDEX], logits.detach(), target, valid)
+
+    def sample_scores(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """``exp(-BCE)`` per clip over its annotated pixels, in (0, 1]."""
+        logits, target, valid = self._targets(outputs, batch)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").mean((-2, -1))
+        per_clip = (bce * valid).sum(1) / valid.sum(1).clamp(min=1)  # (B,)
+        return torch.exp(-per_clip)
+
+    def sample_correct(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """Mean official IoU (``sigmoid > 0.5``) over each clip's annotated frames."""
+        logits, target, valid = self._targets(outputs, batch)
+        b, t = logits.shape[:2]
+        iou = frame_iou(logits.flatten(0, 1), target.flatten(0, 1)).view(b, t)
+        return (iou * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+    # ---- loops ----------------------------------------------------------------------------------------------
+    def validation_step(self, batch: Batch, batch_idx: int) -> Outputs:  # type: ignore[override]
+        """Returns the outputs so that callbacks (mask pictures) can read the logits."""
+        return self._eval_step(batch, "val")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Binary masks (B, T, S, S) at the official rule ``sigmoid > 0.5``, with the sample index and video id."""
+        _, outputs = self(batch)
+        masks = torch.sigmoid(outputs["logits"].float()) > 0.5
+        return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "masks": masks}
