@@ -1,0 +1,295 @@
+"""Balancing methods on a synthetic imbalanced AVE release: does each method train the weak modality more?
+
+Writes (if absent) an imbalanced release (``avmoe.datamodules.synthetic.imbalanced``: the picture carries the
+label, the sound only weakly; on a quarter of the clips the picture is blank and only the sound can tell the
+class), trains the tiny AVMoE (``tiny_config``) with the plain recipe and with each balancing callback for
+several seeds, and evaluates on the test split:
+
+- ``fused``: the official AVE segment accuracy;
+- ``audio only`` / ``visual only``: the same with the other modality's features zeroed before the head (the
+  uni-modal probe the callbacks use);
+- ``fused, blank-picture clips``: segment accuracy on the test clips whose dominant modality is blank, where
+  only the weak modality can name the event.
+
+Then it replaces the section ``## Balancing methods`` of ``bench/BENCHMARKS.md`` with the table (mean +- std over
+seeds, and min..max). CPU, one thread by default; clips are decoded once (real decoders) and kept in memory.
+
+    python bench/balance.py                                   # the BENCHMARKS.md table (~15 min on 2 cores)
+    python bench/balance.py --seeds 0 --epochs 1 --methods baseline ogm_ge --no-write   # smoke run
+
+Epoch windows are scaled to the short runs: OGM/OPM warm-ups of 1 epoch (journal code: 6 of 100), valuation
+re-sampling from the end of epoch 1 (official warm-up 5 of 60). The release must match the flags it was written
+with: delete ``--root`` after changing ``--num-train``/``--num-test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from avmoe.callbacks import OGM, OGMGE, OPM, ModalityValuation
+from avmoe.datamodules import AVEDataModule, LogMelConfig
+from avmoe.datamodules.synthetic.imbalanced import write_imbalanced_ave_release
+from avmoe.metrics.ave import ave_segment_predictions
+from avmoe.models.heads.ave import AVEHeadConfig
+from avmoe.models.presets import tiny_config
+from avmoe.tasks.ave import AVETask
+from avmoe.tasks.base import OptimConfig
+
+HERE = Path(__file__).resolve().parent
+SECTION = "## Balancing methods"
+AUDIO = LogMelConfig(sample_rate=16000, n_fft=512, hop_length=160, n_mels=32, fmax=8000.0)
+HEAD = AVEHeadConfig(visual_dim=32, audio_dim=16, d_model=32, num_heads=2, ff_dim=64, num_layers=1, topk=2)
+METHODS: dict[str, Callable[[], list[L.Callback]]] = {
+    "baseline": lambda: [],
+    "ogm_ge": lambda: [OGMGE(alpha=0.8, noise=True, end_epoch=None)],
+    "ogm_ge_smooth": lambda: [OGMGE(alpha=0.8, noise=True, smooth=True, end_epoch=None)],
+    "ogm": lambda: [OGM(alpha=0.8, warmup_epochs=1, end_epoch=None)],
+    "opm": lambda: [OPM(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=1)],
+    "valuation": lambda: [ModalityValuation(resample="sample", warmup_epochs=2, log_histograms=False)],
+    "valuation_modality": lambda: [ModalityValuation(resample="modality", warmup_epochs=2, log_histograms=False)],
+    "baseline_2x": lambda: [],
+}
+EPOCH_SCALE = {"baseline_2x": 2}  # compute control: valuation's re-sampled epochs are 2-3x larger
+LABELS = {
+    "baseline": "baseline (joint training)",
+    "ogm_ge": "OGM-GE (alpha 0.8, GE noise)",
+    "ogm_ge_smooth": "OGM-GE smooth (alpha 0.8, relu(rho - 1))",
+    "ogm": "OGM, journal (alpha 0.8, warm-up 1)",
+    "opm": "OPM (q_base 0.5, lambda 0.5, p_exe 0.7, warm-up 1)",
+    "valuation": "valuation, sample level (warm-up 2)",
+    "valuation_modality": "valuation, modality level (warm-up 2)",
+    "baseline_2x": "baseline, twice the epochs (compute control)",
+}
+_CACHE: dict[tuple[str, str, int], Any] = {}
+
+
+class CachedDataset(Dataset):
+    """Decode each clip once (through the real decoders) and serve copies afterwards (benchmark speed only)."""
+
+    def __init__(self, base: Any, key: tuple[str, str]) -> None:
+        self.base, self.key = base, key
+        self.video_ids = getattr(base, "video_ids", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        key = (*self.key, int(index))
+        if key not in _CACHE:
+            _CACHE[key] = self.base[index]
+        sample = _CACHE[key]
+        return dict(sample) if isinstance(sample, dict) else sample
+
+
+class CachedAVEDataModule(AVEDataModule):
+    def build_dataset(self, split: str) -> Dataset:
+        return CachedDataset(super().build_dataset(split), (str(self.root), split))
+
+
+WEAK_CONTRAST = 0.5
+
+
+def make_release(root: Path, num_train: int, num_test: int) -> Path:
+    if not (root / "imbalance.csv").is_file():
+        print(f"writing the imbalanced release to {root} ...", flush=True)
+        write_imbalanced_ave_release(root, dominant="visual", num_train=num_train, num_val=4, num_test=num_test,
+                                     num_categories=4, seed=0, size=64, fps=2, weak_contrast=WEAK_CONTRAST)
+    return root
+
+
+def blank_clips(root: Path) -> set[str]:
+    flags = pd.read_csv(root / "imbalance.csv", comment="#")
+    return set(flags.loc[flags["dominant_blank"] == 1, "video_id"].astype(str))
+
+
+@torch.no_grad()
+def evaluate(task: AVETask, dm: AVEDataModule, blank: set[str]) -> dict[str, float]:
+    """Segment accuracy of the fused prediction, of each modality alone, and on the blank-dominant clips."""
+    task.eval()
+    correct = {"fused": 0.0, "audio": 0.0, "visual": 0.0, "fused_blank": 0.0}
+    total = {"all": 0, "blank": 0}
+    for batch in dm.test_dataloader():
+        batch.pop("skipped", None)
+        feats = task.encode(batch)
+        outputs = {"fused": task.head_forward(feats, batch), **task.unimodal_outputs(feats, batch)}
+        label = batch["label"]  # (B, T)
+        is_blank = torch.tensor([vid in blank for vid in batch["video_id"]])
+        for name, out in outputs.items():
+            hits = (ave_segment_predictions(out["is_event"], out["event_scores"]) == label).float()  # (B, T)
+            correct[name] += hits.sum().item()
+            if name == "fused":
+                correct["fused_blank"] += hits[is_blank].sum().item()
+        total["all"] += label.numel()
+        total["blank"] += int(is_blank.sum()) * label.shape[1]
+    return {"fused": correct["fused"] / total["all"], "audio": correct["audio"] / total["all"],
+            "visual": correct["visual"] / total["all"],
+            "fused_blank": correct["fused_blank"] / max(total["blank"], 1)}
+
+
+class Diagnostics(L.Callback):
+    """Averages what the balancing callbacks report per step (``last``) and per epoch (``summary``)."""
+
+    def __init__(self, watched: list[L.Callback]) -> None:
+        self.watched = watched
+        self.sums: dict[str, list[float]] = {}
+
+    def _add(self, prefix: str, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and value == value:  # not nan
+                self.sums.setdefault(f"{prefix}/{key}", []).append(float(value))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        for cb in self.watched:
+            if getattr(cb, "last", None):
+                self._add(getattr(cb, "prefix", type(cb).__name__.lower()), cb.last)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        for cb in self.watched:
+            if getattr(cb, "summary", None) and trainer.current_epoch >= getattr(cb, "warmup_epochs", 0) - 1:
+                self._add("valuation", cb.summary)
+
+    def means(self) -> dict[str, float]:
+        return {k: round(statistics.fmean(v), 4) for k, v in sorted(self.sums.items())}
+
+
+def run_one(method: str, seed: int, root: Path, epochs: int, batch_size: int, lr: float,
+            blank: set[str]) -> dict[str, Any]:
+    L.seed_everything(seed, workers=True)
+    task = AVETask(backbone=tiny_config(), head=HEAD, optim=OptimConfig(lr=lr, step_size=None))
+    dm = CachedAVEDataModule(str(root), batch_size=batch_size, eval_batch_size=16, num_workers=0, image_size=64,
+                             audio=AUDIO, persistent_workers=False)
+    callbacks = METHODS[method]()
+    diagnostics = Diagnostics(callbacks)
+    epochs *= EPOCH_SCALE.get(method, 1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[*callbacks, diagnostics],
+                        default_root_dir=str(root.parent / "runs"))
+    tic = time.perf_counter()
+    trainer.fit(task, dm)
+    seconds = time.perf_counter() - tic
+    dm.setup("test")
+    result = {"method": method, "seed": seed, "epochs": epochs, "seconds": seconds, **evaluate(task, dm, blank),
+              "diagnostics": diagnostics.means()}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _stats(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * std:.1f} ({100 * min(values):.0f}..{100 * max(values):.0f})"
+
+
+def table(results: list[dict[str, Any]], methods: list[str]) -> str:
+    lines = ["| method | fused | audio only (weak) | visual only | fused, blank-picture clips | s / run |",
+             "|---|---|---|---|---|---|"]
+    for method in methods:
+        rows = [r for r in results if r["method"] == method]
+        if not rows:
+            continue
+        cols = [_stats([r[k] for r in rows]) for k in ("fused", "audio", "visual", "fused_blank")]
+        seconds = statistics.fmean(r["seconds"] for r in rows)
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cols) + f" | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def paired_table(results: list[dict[str, Any]], methods: list[str]) -> str:
+    """Method minus baseline on the same seed (same initial weights and data order), in points."""
+    base = {r["seed"]: r for r in results if r["method"] == "baseline"}
+    lines = ["| method - baseline (same seed) | fused | audio only | visual only | fused, blank-picture clips |",
+             "|---|---|---|---|---|"]
+    for method in methods:
+        rows = [r for r in results if r["method"] == method and r["seed"] in base]
+        if method == "baseline" or not rows:
+            continue
+        cols = []
+        for key in ("fused", "audio", "visual", "fused_blank"):
+            diffs = [100 * (r[key] - base[r["seed"]][key]) for r in rows]
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            wins = sum(d > 0 for d in diffs)
+            cols.append(f"{statistics.fmean(diffs):+.1f} ± {std:.1f} ({wins}/{len(diffs)} seeds up)")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace (or append) only the ``## Balancing methods`` section of BENCHMARKS.md."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body + ("" if end < 0 else text[end:])
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("data/bench_imbalanced"))
+    parser.add_argument("--methods", nargs="+", default=["baseline", "ogm_ge", "ogm", "opm", "valuation",
+                                                         "baseline_2x"],
+                        choices=sorted(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--num-train", type=int, default=48)
+    parser.add_argument("--num-test", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    parser.add_argument("--results", type=Path, default=None, help="JSON lines of every run (default: <root>/../)")
+    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: rebuild the table from every run in --results (e.g. after adding seeds)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results_path = args.results or args.root.parent / "balance_results.jsonl"
+    if args.table_only:
+        results = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
+        args.seeds = sorted({r["seed"] for r in results})
+        args.methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    else:
+        root = make_release(args.root, args.num_train, args.num_test)
+        blank = blank_clips(root)
+        results = []
+        for seed in args.seeds:
+            for method in args.methods:
+                result = run_one(method, seed, root, args.epochs, args.batch_size, args.lr, blank)
+                results.append(result)
+                with open(results_path, "a") as handle:
+                    handle.write(json.dumps(result) + "\n")
+    total = sum(r["seconds"] for r in results)
+    body = report(results, args, total)
+    print(body)
+    if not args.no_write:
+        write_section(HERE / "BENCHMARKS.md", body)
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace, total: float) -> str:
+    setup = (f"Script: `bench/balance.py` ({date.today().isoformat()}, {platform.machine()} CPU, "
+             f"{args.threads} torch thread(s); {total / 60:.1f} min of training in all). Tiny AVMoE "
+             f"(`tiny_config()`, random init, frozen encoders) + tiny CMBS head, Adam lr {args.lr}, "
+             f"batch {args.batch_size}, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}. "
+             f"Data: `write_imbalanced_ave_release` "
+             f"(dominant visual, blank_fraction 0.25, weak_reliability 0.75, weak_contrast {WEAK_CONTRAST}; "
+             f"{args.num_train} train / {args.num_test} test clips, 4 categories). Accuracies are AVE segment "
+             f"accuracy on the test split in %, mean ± std over seeds (min..max).")
+    paired = paired_table(results, args.methods) if "baseline" in args.methods else ""
+    return f"{SECTION}\n\n{setup}\n\n{table(results, args.methods)}\n\n{paired}\n"
+
+
+if __name__ == "__main__":
+    main()
