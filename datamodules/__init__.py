@@ -6,9 +6,13 @@ shorthands (``avmoe.datamodules.AVEDataModule`` or just ``AVEDataModule``) resol
 
 from .audio import LogMel, LogMelConfig
 from .ave import AVE_CATEGORIES, BACKGROUND, NUM_CLASSES, AVEDataModule, AVEDataset, read_ave_list, segment_labels
+from .avsbench import AVSBenchDataModule
 from .base import AVDataModule, ClipDataset, PlannedDataset, resize_frames, worker_init
 from .batch import SkippedSample, batch_size, collate
 from .decoding import DecodeError, decord_available, read_audio, read_frames
+from .llp import LLPDataModule
+from .musicavqa import MusicAVQADataModule
+from .sampling import EpochSampler, ResumableDataLoader, SeededItems
 
 __all__ = [
     "AVE_CATEGORIES",
@@ -17,11 +21,17 @@ __all__ = [
     "AVDataModule",
     "AVEDataModule",
     "AVEDataset",
+    "AVSBenchDataModule",
     "ClipDataset",
     "DecodeError",
+    "EpochSampler",
+    "LLPDataModule",
     "LogMel",
     "LogMelConfig",
+    "MusicAVQADataModule",
     "PlannedDataset",
+    "ResumableDataLoader",
+    "SeededItems",
     "SkippedSample",
     "batch_size",
     "collate",

@@ -120,6 +120,7 @@ class LogMel:
         # (inherited from a parent that used it) spin-waits and can run 10-100x slower; torch runs
         # single-threaded in workers.
         power_t = torch.from_numpy(np.ascontiguousarray(power, dtype=np.float32))
-        mel = torch.matmul(torch.from_numpy(self.mel_basis), power_t).numpy()  # (T, n_mels, frames)
+        with torch.autocast("cpu", enabled=False):  # float32 even when called inside a bf16 autocast region
+            mel = torch.matmul(torch.from_numpy(self.mel_basis), power_t).numpy()  # (T, n_mels, frames)
         logmel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
         return np.ascontiguousarray(logmel.transpose(0, 2, 1), dtype=np.float32)

@@ -3,13 +3,18 @@
 Conventions (``reference/datasets.md`` section 8): annotation files are read in ``setup`` on every
 process; decoders are opened inside ``__getitem__``; per-sample metadata lives in numpy arrays /
 pandas columns (a list of dicts in the Dataset grows worker memory through copy-on-read refcounts,
-pytorch/pytorch#13246); workers are seeded with Lightning's ``pl_worker_init_function``.
+pytorch/pytorch#13246); workers are seeded with Lightning's ``pl_worker_init_function`` (per worker and rank).
+
+Loaders (``datamodules/sampling.py``): the train order is a function of ``(seed, epoch)`` and the train loader
+is checkpointed mid-epoch (exact resume); item randomness is a function of ``(seed, epoch, index)``; under DDP
+every rank gets its own shard, and evaluation shards are *not* padded (each sample is evaluated once).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from abc import ABC, abstractmethod
 from typing import Any, Literal, Optional
 
@@ -19,11 +24,13 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .audio import LogMelConfig
 from .batch import AUDIO_MASK, INDEX, SKIPPED, VISUAL_MASK, SkippedSample, collate
 from .decoding import DecodeError, VideoBackend
+from .sampling import EpochSampler, ResumableDataLoader, SeededItems
 
 DecodePolicy = Literal["raise", "skip"]
 Split = Literal["train", "val", "test"]
@@ -154,9 +161,11 @@ class AVDataModule(LightningDataModule, ABC):
         video_backend: frame decoder: ``auto`` (decord, PyAV fallback), ``decord`` or ``pyav``.
         on_decode_error: ``raise`` stops on an undecodable clip; ``skip`` drops it from the batch,
             records it in ``skipped_clips`` and warns once per file.
-        pin_memory: pin host memory; None pins when CUDA is available.
+        pin_memory: pin host memory; None pins when the trainer runs on a CUDA device.
         persistent_workers: keep workers alive between epochs (only used when ``num_workers > 0``).
         limit_samples: use only the first N samples of every split (smoke runs); None uses all.
+        seed: seed of the train order (a function of seed and epoch) and of per-item randomness; None uses
+            the run's ``seed_everything`` value (``PL_GLOBAL_SEED``), else 0.
     """
 
     def __init__(
@@ -172,6 +181,7 @@ class AVDataModule(LightningDataModule, ABC):
         pin_memory: Optional[bool] = None,
         persistent_workers: bool = True,
         limit_samples: Optional[int] = None,
+        seed: Optional[int] = None,
     ) -> None:
         super().__init__()
         # A checkpoint's hparams hold ``audio`` as a dict (see below); accept it back.
@@ -190,6 +200,7 @@ class AVDataModule(LightningDataModule, ABC):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.limit_samples = limit_samples
+        self.seed = seed
         self.skipped_clips: dict[str, str] = {}
         """Clips dropped under ``on_decode_error="skip"``: path -> reason."""
         self.num_skipped = 0
@@ -225,30 +236,65 @@ class AVDataModule(LightningDataModule, ABC):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    @property
+    def data_seed(self) -> int:
+        """Seed of the train order and per-item randomness (``seed``, else ``PL_GLOBAL_SEED``, else 0)."""
+        if self.seed is not None:
+            return int(self.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _distribution(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` to shard over; ``(1, 0)`` without DDP or with
+        ``Trainer(use_distributed_sampler=False)``."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return 1, 0
+        if not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _pin_memory(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def _loader_kwargs(self) -> dict[str, Any]:
         workers = self.num_workers
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
-            persistent_workers=self.persistent_workers and workers > 0,
-            worker_init_fn=functools.partial(worker_init, rank=rank) if workers > 0 else None,
-            drop_last=False,
-        )
+        return {
+            "num_workers": workers,
+            "collate_fn": collate,
+            "pin_memory": self._pin_memory(),
+            "persistent_workers": self.persistent_workers and workers > 0,
+            "worker_init_fn": functools.partial(worker_init, rank=rank) if workers > 0 else None,
+        }
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
         if self._train_plan is not None:
             self._check_plan_range(self._train_plan["indices"])
             dataset = PlannedDataset(dataset, **self._train_plan)
-        return self._loader(dataset, self.batch_size, shuffle=True)
+        world, rank = self._distribution()
+        seed = self.data_seed
+        # The sampler shards for DDP itself (a DistributedSampler subclass: Lightning leaves it in place).
+        sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        return ResumableDataLoader(SeededItems(dataset, seed), batch_size=self.batch_size, sampler=sampler,
+                                   drop_last=False, generator=torch.Generator(), **self._loader_kwargs())
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return self._loader(self.dataset(split), self.eval_batch_size or self.batch_size, shuffle=False)
+        dataset = self.dataset(split)
+        world, rank = self._distribution()
+        sampler = None
+        if world > 1:
+            # Not padded (Lightning's default DistributedSampler repeats samples to even out the ranks): every
+            # sample is evaluated once; ranks differ by at most one sample (PerSampleMetric gathers by index).
+            if len(dataset) < world:  # every rank must run at least one batch (DDP syncs buffers on the first)
+                raise ValueError(f"the {split} split has {len(dataset)} sample(s), fewer than the {world} processes")
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(SeededItems(dataset, self.data_seed), batch_size=self.eval_batch_size or self.batch_size,
+                          shuffle=False, sampler=sampler, drop_last=False, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

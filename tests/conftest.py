@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch is imported: one intra-op thread per process (2-core CI runs DataLoader workers and DDP ranks
+# beside the main process; oversubscription made tiny-model steps up to 10x slower). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +47,33 @@ def ave_release(tmp_path_factory) -> Path:
 
 
 
+
+
+def _writer(name: str):
+    import avmoe.datamodules.synthetic as synthetic
+
+    if not hasattr(synthetic, name):
+        pytest.skip(f"synthetic writer {name} does not exist yet")
+    return getattr(synthetic, name)
+
+
+@pytest.fixture(scope="session")
+def llp_release(tmp_path_factory) -> Path:
+    """A tiny synthetic LLP (AVVP) release (real mp4 files, TAB-separated CSVs)."""
+    root = tmp_path_factory.mktemp("llp_release")
+    return _writer("write_llp_release")(root, num_train=8, num_val=4, num_test=5, num_categories=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def avs_release(tmp_path_factory) -> Path:
+    """A tiny synthetic AVSBench S4 release (224x224 PNG frames and masks, wavs)."""
+    root = tmp_path_factory.mktemp("avs_release")
+    return _writer("write_avsbench_release")(root, setting="s4", num_train=8, num_val=4, num_test=5,
+                                             num_categories=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def avqa_release(tmp_path_factory) -> Path:
+    """A tiny synthetic MUSIC-AVQA release (12 videos: 20 train, 5 val, 11 test questions)."""
+    root = tmp_path_factory.mktemp("avqa_release")
+    return _writer("write_musicavqa_release")(root, num_videos=12, questions_per_video=3, seed=0)

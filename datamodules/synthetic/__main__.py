@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 # module (relative to this package), parser hook, runner, subcommands it adds
 COMMANDS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("ave", "add_ave_parser", "run_ave", ("ave",)),
+    ("imbalanced", "add_imbalanced_parser", "run_imbalanced", ("ave_imbalanced",)),
     ("llp", "add_llp_parser", "run_llp", ("llp",)),
     ("avsbench", "add_avs_parsers", "run_avs", ("avs_s4", "avs_ms3")),
     ("musicavqa", "add_musicavqa_parser", "run_musicavqa", ("musicavqa",)),

@@ -1,6 +1,30 @@
 """Lightning callbacks: balancing methods, run-folder helpers, progress and visualisation."""
 
+from avmoe.callbacks._distributed import ParameterChecksum
+from avmoe.callbacks.avs_visual import AVSMaskImages
+from avmoe.callbacks.checkpointing import ExceptionCheckpoint, LatestCheckpoint, latest_checkpoint
 from avmoe.callbacks.metrics_json import MetricsJSON
+from avmoe.callbacks.ogm import OGM, OGMGE, ogm_coefficients
+from avmoe.callbacks.opm import OPM, opm_drop_probabilities
 from avmoe.callbacks.progress import LineProgressBar, default_progress_bar
+from avmoe.callbacks.seeding import StepSeeding
+from avmoe.callbacks.valuation import ModalityValuation, shapley_contributions
 
-__all__ = ["LineProgressBar", "MetricsJSON", "default_progress_bar"]
+__all__ = [
+    "AVSMaskImages",
+    "ExceptionCheckpoint",
+    "LatestCheckpoint",
+    "LineProgressBar",
+    "MetricsJSON",
+    "ModalityValuation",
+    "OGM",
+    "OGMGE",
+    "OPM",
+    "ParameterChecksum",
+    "StepSeeding",
+    "default_progress_bar",
+    "latest_checkpoint",
+    "ogm_coefficients",
+    "opm_drop_probabilities",
+    "shapley_contributions",
+]
