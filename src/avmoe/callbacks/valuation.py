@@ -9,7 +9,7 @@ Shapley contributions are
     phi_a = (v(a) + v(av) - v(v)) / 2,   phi_v = (v(v) + v(av) - v(a)) / 2,   phi_a + phi_v = v(av).
 
 They are logged (TensorBoard histograms ``valuation/phi_audio``/``phi_visual`` and epoch means) and saved to
-``<run folder>/valuation/epoch_XXX.npz``. From epoch ``warmup_epochs - 1`` on, the next epoch's train set is
+``<run folder>/valuation/epoch_<NNN>.npz``. From epoch ``warmup_epochs - 1`` on, the next epoch's train set is
 rebuilt through :meth:`AVDataModule.set_train_plan` (all originals plus uni-modal copies):
 
 - ``sample`` level: per sample and modality u, copies in which only u is kept: 1 if ``0.4 < phi_u < 1``,
@@ -112,7 +112,7 @@ class ModalityValuation(Callback):
             a value turns it into 0/1 (``correct >= threshold``), the official discrete value function.
         batch_size: valuation batch size; None uses the DataModule's eval batch size.
         num_workers: valuation loader workers; None uses the DataModule's.
-        save_dir: folder for ``epoch_XXX.npz``; None: ``<trainer.log_dir or default_root_dir>/valuation``.
+        save_dir: folder for ``epoch_<NNN>.npz``; None: ``<trainer.log_dir or default_root_dir>/valuation``.
         log_histograms: add TensorBoard histograms of the contributions (rank 0).
         seed: seed of the modality-level draws (combined with the epoch; identical on all ranks).
     """
