@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ._cli import add_release_args
 from ..ave import AVE_CATEGORIES, AVE_HEADER, NUM_SEGMENTS
 from .media import write_mp4, write_wav
 
@@ -196,18 +197,8 @@ def _clip_contents(rows: list[tuple[str, str, int, int]]) -> dict[str, np.ndarra
 def add_ave_parser(sub: Any) -> None:
     """Register ``python -m avmoe.datamodules.synthetic ave``."""
     ave = sub.add_parser("ave", help="AVE layout: Annotations.txt, {train,val,test}Set.txt, AVE/<id>.mp4")
-    ave.add_argument("--root", required=True, help="output folder")
-    ave.add_argument("--num-train", type=int, default=48)
-    ave.add_argument("--num-val", type=int, default=12)
-    ave.add_argument("--num-test", type=int, default=24)
-    ave.add_argument("--num-categories", type=int, default=4)
-    ave.add_argument("--seed", type=int, default=0)
-    ave.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    ave.add_argument("--fps", type=int, default=8)
-    ave.add_argument("--sample-rate", type=int, default=16000)
+    add_release_args(ave, wav_help="also write AVE/<id>.wav beside each mp4")
     ave.add_argument("--no-header", action="store_true", help="write Annotations.txt without the header line")
-    ave.add_argument("--with-wav", action="store_true", help="also write AVE/<id>.wav beside each mp4")
-    ave.add_argument("--force", action="store_true", help="write even if the release already exists")
 
 
 def run_ave(args: argparse.Namespace) -> int:

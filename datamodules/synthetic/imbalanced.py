@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._cli import add_release_args
 from ..ave import AVE_CATEGORIES, AVE_HEADER, NUM_SEGMENTS
 from .ave import EVENT_AMPLITUDE, NOISE_BACKGROUND, NOISE_EVENT, class_colour, make_rows, tone_frequency
 from .media import write_mp4, write_wav
@@ -193,21 +194,12 @@ def _clip_contents(rows: list[tuple[str, str, int, int]]) -> dict[str, np.ndarra
 def add_imbalanced_parser(sub: Any) -> None:
     """Register ``python -m avmoe.datamodules.synthetic ave_imbalanced``."""
     p = sub.add_parser("ave_imbalanced", help="AVE layout; one modality reliable, the other weak (balancing benches)")
-    p.add_argument("--root", required=True, help="output folder")
+    add_release_args(p, num_train=64, num_val=16, num_test=48, fps=4,
+                     wav_help="also write AVE/<id>.wav beside each mp4")
     p.add_argument("--dominant", choices=("audio", "visual"), default="visual")
     p.add_argument("--blank-fraction", type=float, default=0.25)
     p.add_argument("--weak-reliability", type=float, default=0.75)
     p.add_argument("--weak-contrast", type=float, default=0.3)
-    p.add_argument("--num-train", type=int, default=64)
-    p.add_argument("--num-val", type=int, default=16)
-    p.add_argument("--num-test", type=int, default=48)
-    p.add_argument("--num-categories", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    p.add_argument("--fps", type=int, default=4)
-    p.add_argument("--sample-rate", type=int, default=16000)
-    p.add_argument("--with-wav", action="store_true", help="also write AVE/<id>.wav beside each mp4")
-    p.add_argument("--force", action="store_true", help="write even if the release already exists")
 
 
 def run_imbalanced(args: argparse.Namespace) -> int:

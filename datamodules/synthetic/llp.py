@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._cli import add_release_args
 from ..llp import AUDIO_DIR, EVAL_FILES, EVAL_HEADER, LLP_CATEGORIES, NUM_SEGMENTS, SPLIT_FILES, VIDEO_DIR, WEAK_HEADER
 from .ave import EVENT_AMPLITUDE, NOISE_BACKGROUND, NOISE_EVENT, class_colour, tone_frequency
 from .media import write_mp4, write_wav
@@ -256,18 +257,9 @@ def _write(path: Path, header: tuple[str, ...], lines: list[str]) -> None:
 def add_llp_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``python -m avmoe.datamodules.synthetic llp``."""
     llp = sub.add_parser("llp", help="LLP layout: AVVP_*.csv (TAB-separated), LLP_dataset/video/<id>.mp4")
-    llp.add_argument("--root", required=True, help="output folder (the release's data/ folder)")
-    llp.add_argument("--num-train", type=int, default=48)
-    llp.add_argument("--num-val", type=int, default=12)
-    llp.add_argument("--num-test", type=int, default=24)
-    llp.add_argument("--num-categories", type=int, default=4)
-    llp.add_argument("--seed", type=int, default=0)
-    llp.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    llp.add_argument("--fps", type=int, default=8)
-    llp.add_argument("--sample-rate", type=int, default=16000)
+    add_release_args(llp, root_help="output folder (the release's data/ folder)",
+                     wav_help="also write LLP_dataset/audio/<id>.wav")
     llp.add_argument("--no-quirks", action="store_true", help="leave out the official data quirks")
-    llp.add_argument("--with-wav", action="store_true", help="also write LLP_dataset/audio/<id>.wav")
-    llp.add_argument("--force", action="store_true", help="write even if the release already exists")
 
 
 def run_llp(args: argparse.Namespace) -> int:
