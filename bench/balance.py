@@ -7,7 +7,8 @@ several seeds, and evaluates on the test split:
 
 - ``fused``: the official AVE segment accuracy;
 - ``audio only`` / ``visual only``: the same with the other modality's features zeroed before the head (the
-  uni-modal probe the callbacks use);
+  uni-modal probe the callbacks use by default; for the ``*_aux`` methods, whose callbacks read auxiliary
+  uni-modal heads, the auxiliary heads' own accuracies go to the results file as ``aux_audio``/``aux_visual``);
 - ``fused, blank-picture clips``: segment accuracy on the test clips whose dominant modality is blank, where
   only the weak modality can name the event.
 
@@ -45,7 +46,7 @@ from avmoe.metrics.ave import ave_segment_predictions
 from avmoe.models.heads.ave import AVEHeadConfig
 from avmoe.models.presets import tiny_config
 from avmoe.tasks.ave import AVETask
-from avmoe.tasks.base import OptimConfig
+from avmoe.tasks.base import OptimConfig, UnimodalConfig
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Balancing methods"
@@ -59,8 +60,12 @@ METHODS: dict[str, Callable[[], list[L.Callback]]] = {
     "opm": lambda: [OPM(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=1)],
     "valuation": lambda: [ModalityValuation(resample="sample", warmup_epochs=2, log_histograms=False)],
     "valuation_modality": lambda: [ModalityValuation(resample="modality", warmup_epochs=2, log_histograms=False)],
+    "baseline_aux": lambda: [],
+    "ogm_ge_aux": lambda: [OGMGE(alpha=0.8, noise=True, end_epoch=None)],
+    "opm_aux": lambda: [OPM(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=1)],
     "baseline_2x": lambda: [],
 }
+AUX_METHODS = {"baseline_aux", "ogm_ge_aux", "opm_aux"}  # model.unimodal.mode = aux (auxiliary heads)
 EPOCH_SCALE = {"baseline_2x": 2}  # compute control: valuation's re-sampled epochs are 2-3x larger
 LABELS = {
     "baseline": "baseline (joint training)",
@@ -70,6 +75,9 @@ LABELS = {
     "opm": "OPM (q_base 0.5, lambda 0.5, p_exe 0.7, warm-up 1)",
     "valuation": "valuation, sample level (warm-up 2)",
     "valuation_modality": "valuation, modality level (warm-up 2)",
+    "baseline_aux": "baseline + auxiliary uni-modal heads (unimodal.mode aux)",
+    "ogm_ge_aux": "OGM-GE scored by auxiliary heads",
+    "opm_aux": "OPM scored by auxiliary heads",
     "baseline_2x": "baseline, twice the epochs (compute control)",
 }
 _CACHE: dict[tuple[str, str, int], Any] = {}
@@ -123,19 +131,21 @@ def evaluate(task: AVETask, dm: AVEDataModule, blank: set[str]) -> dict[str, flo
     for batch in dm.test_dataloader():
         batch.pop("skipped", None)
         feats = task.encode(batch)
-        outputs = {"fused": task.head_forward(feats, batch), **task.unimodal_outputs(feats, batch)}
+        outputs = {"fused": task.head_forward(feats, batch), **task.unimodal_outputs(feats, batch, mode="zero")}
+        if task.unimodal_heads is not None:
+            aux = task.unimodal_outputs(feats, batch, mode="aux")
+            outputs.update({f"aux_{m}": out for m, out in aux.items()})
         label = batch["label"]  # (B, T)
         is_blank = torch.tensor([vid in blank for vid in batch["video_id"]])
         for name, out in outputs.items():
             hits = (ave_segment_predictions(out["is_event"], out["event_scores"]) == label).float()  # (B, T)
-            correct[name] += hits.sum().item()
+            correct[name] = correct.get(name, 0.0) + hits.sum().item()
             if name == "fused":
                 correct["fused_blank"] += hits[is_blank].sum().item()
         total["all"] += label.numel()
         total["blank"] += int(is_blank.sum()) * label.shape[1]
-    return {"fused": correct["fused"] / total["all"], "audio": correct["audio"] / total["all"],
-            "visual": correct["visual"] / total["all"],
-            "fused_blank": correct["fused_blank"] / max(total["blank"], 1)}
+    result = {name: value / total["all"] for name, value in correct.items() if name != "fused_blank"}
+    return {**result, "fused_blank": correct["fused_blank"] / max(total["blank"], 1)}
 
 
 class Diagnostics(L.Callback):
@@ -167,7 +177,8 @@ class Diagnostics(L.Callback):
 def run_one(method: str, seed: int, root: Path, epochs: int, batch_size: int, lr: float,
             blank: set[str]) -> dict[str, Any]:
     L.seed_everything(seed, workers=True)
-    task = AVETask(backbone=tiny_config(), head=HEAD, optim=OptimConfig(lr=lr, step_size=None))
+    unimodal = UnimodalConfig(mode="aux" if method in AUX_METHODS else "zero")
+    task = AVETask(backbone=tiny_config(), head=HEAD, optim=OptimConfig(lr=lr, step_size=None), unimodal=unimodal)
     dm = CachedAVEDataModule(str(root), batch_size=batch_size, eval_batch_size=16, num_workers=0, image_size=64,
                              audio=AUDIO, persistent_workers=False)
     callbacks = METHODS[method]()
@@ -241,7 +252,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("data/bench_imbalanced"))
     parser.add_argument("--methods", nargs="+", default=["baseline", "ogm_ge", "ogm", "opm", "valuation",
-                                                         "baseline_2x"],
+                                                         "baseline_aux", "ogm_ge_aux", "opm_aux", "baseline_2x"],
                         choices=sorted(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--epochs", type=int, default=4)

@@ -82,13 +82,17 @@ def _preset(name: str, folder: Path, **init_args: object) -> Path:
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_cli_ddp_replicas_stay_identical(imbalanced_release, tmp_path):
-    """``python -m avmoe fit`` with the presets appended and ``--trainer.strategy=ddp --trainer.devices=2``."""
+    """``python -m avmoe fit`` with the presets appended and ``--trainer.strategy=ddp --trainer.devices=2``.
+
+    This run takes the uni-modal predictions from auxiliary heads (``model/unimodal_aux.yaml``; valuation with
+    ``unimodal: task``): their parameters join DDP's gradient all-reduce; the spawn run above covers zeroing."""
     runs = tmp_path / "runs"
     extra = tmp_path / "checksum.yaml"
     extra.write_text("trainer:\n  callbacks+:\n    - class_path: avmoe.callbacks.ParameterChecksum\n"
                      "      init_args: {every_n_steps: 1}\n")
-    presets = [CONFIGS / "callbacks" / "ogm_ge.yaml", _preset("opm", tmp_path, warmup_epochs=0, p_exe=1.0),
-               _preset("valuation", tmp_path, warmup_epochs=1), extra]
+    presets = [CONFIGS / "model" / "unimodal_aux.yaml", CONFIGS / "callbacks" / "ogm_ge.yaml",
+               _preset("opm", tmp_path, warmup_epochs=0, p_exe=1.0),
+               _preset("valuation", tmp_path, warmup_epochs=1, unimodal="task"), extra]
     args = tiny_fit_args(imbalanced_release, runs, name="ddp", epochs=2)
     for preset in presets:
         args += ["--config", str(preset)]
@@ -105,6 +109,9 @@ def test_cli_ddp_replicas_stay_identical(imbalanced_release, tmp_path):
     assert "train_plan_sha256" in rank0[max(rank0, key=int)]
     assert (folder / "valuation" / "epoch_000.npz").is_file() and (folder / "valuation" / "epoch_001.npz").is_file()
     config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["model"]["init_args"]["unimodal"]["mode"] == "aux"
+    assert "unimodal_heads.audio.cls.linear.weight" in torch.load(folder / "checkpoints" / "last.ckpt",
+                                                                   weights_only=True)["state_dict"]
     names = [c["class_path"] for c in config["trainer"]["callbacks"]]
     assert names == ["avmoe.callbacks.OGMGE", "avmoe.callbacks.OPM", "avmoe.callbacks.ModalityValuation",
                      "avmoe.callbacks.ParameterChecksum"]

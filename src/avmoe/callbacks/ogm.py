@@ -2,8 +2,9 @@
 
 Facts: ``reference/balance.md`` sections 3 and 4.3.
 
-Per optimizer step: the uni-modal scores ``s_u`` (batch sums of each modality's per-sample score with the other
-modality's features zeroed before the head) give the discrepancy ratio ``rho_v = s_v / s_a`` and
+Per optimizer step: the uni-modal scores ``s_u`` (batch sums of each modality's per-sample score from the task's
+uni-modal predictions: the other modality's features zeroed before the head, or the auxiliary heads with
+``model.unimodal.mode: aux``) give the discrepancy ratio ``rho_v = s_v / s_a`` and
 ``rho_a = 1 / rho_v``; the dominant modality's gradients are scaled by ``k = 1 - tanh(alpha * rho)`` and, for
 OGM-GE, Gaussian noise with the per-tensor std of the *unmodulated* gradient is added to both modalities.
 

@@ -7,9 +7,9 @@ with probability ``p_exe`` per batch, and the surviving features of both modalit
 fraction of dropped dimensions). It acts through :attr:`AVTask.feature_hooks`, i.e. on
 :class:`~avmoe.models.outputs.BackboneOutput` after the per-sample data masks, in training only.
 
-``rho`` comes from the same batch, as in the official code: the head is probed (eval mode, no grad) with each
-modality alone and the score sums are all-reduced over the DDP ranks inside the forward, so every rank uses the
-same ``q``. The ``p_exe`` draw uses a generator shared by all ranks; the per-sample masks use a per-rank one
+``rho`` comes from the same batch, as in the official code: the task's uni-modal predictions (eval mode, no grad;
+the head with one modality zeroed, or the auxiliary heads with ``unimodal.mode: aux``) are scored and the score
+sums are all-reduced over the DDP ranks inside the forward, so every rank uses the same ``q``. The ``p_exe`` draw uses a generator shared by all ranks; the per-sample masks use a per-rank one
 (keys: seed, rank, call counter, which is checkpointed so a resumed run draws the same masks).
 
 Official-code behaviour changed on purpose:
@@ -19,8 +19,9 @@ Official-code behaviour changed on purpose:
   skipped: with ``keep_one_modality`` (default) the dominant modality is not dropped on a sample whose other
   modality the data plan already removed, so no sample loses everything; without it, a batch in which every
   sample lost both modalities still runs backward with its loss multiplied by 0 (``on_before_backward``). A
-  partially dropped batch keeps its fully dropped samples with all-zero features (per-sample loss weights would
-  need the task's ``compute_losses`` to take weights; see the report).
+  partially dropped batch keeps its fully dropped samples with all-zero features in the task loss (per-sample
+  loss weights would need the task's ``compute_losses`` to take weights); the auxiliary heads' losses
+  (``unimodal.mode: aux``) do leave out the samples whose modality was dropped.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 At the end of every training epoch the whole train split is valued with the model in eval mode: for each
 sample, the head is run on both modalities, on audio alone and on visual alone (the missing modality's
-*features* zeroed, as the official ``exec_drop``), the value function is ``v(S) = |S| * correct(S)``
+*features* zeroed, as the official ``exec_drop``; ``unimodal="task"`` uses the task's own uni-modal
+predictions instead, e.g. its auxiliary heads), the value function is ``v(S) = |S| * correct(S)``
 (``correct`` from :meth:`AVTask.sample_correct`, in [0, 1]; 0/1 for single-label tasks) and the two-player
 Shapley contributions are
 
@@ -115,6 +116,8 @@ class ModalityValuation(Callback):
         save_dir: folder for ``epoch_<NNN>.npz``; None: ``<trainer.log_dir or default_root_dir>/valuation``.
         log_histograms: add TensorBoard histograms of the contributions (rank 0).
         seed: seed of the modality-level draws (combined with the epoch; identical on all ranks).
+        unimodal: ``zero``: a missing modality is zeroed features through the task head (official); ``task``:
+            the task's ``unimodal.mode`` (auxiliary heads when it is ``aux``).
     """
 
     def __init__(
@@ -129,7 +132,10 @@ class ModalityValuation(Callback):
         save_dir: Optional[str] = None,
         log_histograms: bool = True,
         seed: int = 0,
+        unimodal: Literal["zero", "task"] = "zero",
     ) -> None:
+        if unimodal not in ("zero", "task"):
+            raise ValueError(f"unimodal must be 'zero' or 'task', got {unimodal!r}")
         if resample not in ("sample", "modality", "none"):
             raise ValueError(f"resample must be 'sample', 'modality' or 'none', got {resample!r}")
         if not 0.0 < part_ratio <= 1.0:
@@ -144,6 +150,7 @@ class ModalityValuation(Callback):
         self.save_dir = save_dir
         self.log_histograms = log_histograms
         self.seed = seed
+        self.unimodal = unimodal
         self.valued_epoch = -1
         self.table: Optional[dict[str, Tensor]] = None
         """Latest valuation: ``index``, ``phi_audio``, ``phi_visual``, ``correct_av``/``_audio``/``_visual``."""
@@ -204,7 +211,7 @@ class ModalityValuation(Callback):
     def _value_batch(self, pl_module: LightningModule, batch: dict[str, Any]) -> Tensor:
         feats = pl_module.encode(batch)  # eval mode: data masks (all 1 for the plain train split), no hooks
         fused = pl_module.head_forward(feats, batch)
-        uni = pl_module.unimodal_outputs(feats, batch)
+        uni = pl_module.unimodal_outputs(feats, batch, mode="zero" if self.unimodal == "zero" else None)
         cols = [self._correct(pl_module, out, batch) for out in (fused, uni["audio"], uni["visual"])]
         return torch.stack([batch[INDEX].double(), *cols], dim=1).cpu()  # (B, 4)
 

@@ -27,6 +27,8 @@ class BackboneOutput:
     visual_grids: list[tuple[int, int]] = field(default_factory=list)  # (H_s, W_s) of each visual stage
     router_weights: list[Tensor] = field(default_factory=list)  # one (M, E) softmax per MoE module, for logging
     aux_loss: Tensor = field(default_factory=lambda: torch.zeros(()))  # weighted load-balancing loss (scalar)
+    audio_present: Optional[Tensor] = None  # (B,) bool: samples whose audio was not scaled to zero; None = all
+    visual_present: Optional[Tensor] = None  # (B,) bool, the same for the visual side
 
     @property
     def batch_size(self) -> int:
@@ -40,15 +42,24 @@ class BackboneOutput:
         """Scale every audio-side / visual-side feature per sample. ``audio``/``visual``: (B,) or None (unchanged)."""
         out = self
         if audio is not None:
-            out = replace(out, audio=_scale(out.audio, audio), audio_tokens=_scale(out.audio_tokens, audio))
+            out = replace(out, audio=_scale(out.audio, audio), audio_tokens=_scale(out.audio_tokens, audio),
+                          audio_present=out.present("audio") & (audio.reshape(-1).to(out.audio.device) != 0))
         if visual is not None:
             out = replace(
                 out,
                 visual=_scale(out.visual, visual),
                 visual_tokens=_scale(out.visual_tokens, visual),
                 visual_stages=[_scale(s, visual) for s in out.visual_stages],
+                visual_present=out.present("visual") & (visual.reshape(-1).to(out.visual.device) != 0),
             )
         return out
+
+    def present(self, modality: str) -> Tensor:
+        """(B,) bool: which samples still carry ``modality`` (false once a scale of zero dropped it)."""
+        flags = self.audio_present if modality == "audio" else self.visual_present
+        if flags is None:
+            return torch.ones(self.batch_size, dtype=torch.bool, device=self.visual.device)
+        return flags
 
     def drop(self, modality: str) -> "BackboneOutput":
         """All features of ``modality`` ("audio" or "visual") set to zero (the missing-modality convention)."""

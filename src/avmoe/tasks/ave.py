@@ -6,15 +6,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from avmoe.datamodules.batch import INDEX
 from avmoe.metrics.ave import BACKGROUND, AVESegmentAccuracy, ave_segment_predictions
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.heads.ave import AVEHead, AVEHeadConfig
+from avmoe.models.heads.unimodal import Readout
 from avmoe.models.outputs import BackboneOutput
-from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, as_config, plain
+from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig, as_config, plain
 
 
 def video_class(label: Tensor, background: int = BACKGROUND) -> tuple[Tensor, Tensor]:
@@ -35,6 +36,7 @@ class AVETask(AVTask):
         backbone: AVMoE backbone configuration (encoders, adapters).
         head: temporal-attention head sizes.
         optim: optimizer and schedule.
+        unimodal: uni-modal predictions for the balancing callbacks (zeroed features or auxiliary heads).
     """
 
     monitor = "val/acc"
@@ -45,16 +47,39 @@ class AVETask(AVTask):
         backbone: AVMoEConfig = AVMoEConfig(),
         head: AVEHeadConfig = AVEHeadConfig(),
         optim: OptimConfig = OptimConfig(),
+        unimodal: UnimodalConfig = UnimodalConfig(),
     ) -> None:
-        super().__init__(backbone=backbone, optim=optim)
+        super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
         self.head_config = as_config(AVEHeadConfig, head)
         dims = self.backbone.feature_dims
         self.head = AVEHead(dims["visual"], dims["audio"], self.head_config)
+        self.build_unimodal_heads()
         self.save_hyperparameters(plain({"backbone": self.backbone_config, "head": self.head_config,
-                                         "optim": self.optim}))
+                                         "optim": self.optim, "unimodal": self.unimodal}))
 
     def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
         return self.head(feats.visual, feats.audio)
+
+    # ---- auxiliary uni-modal heads ------------------------------------------------------------------------
+    def make_unimodal_head(self, modality: str) -> nn.Module:
+        """Per-segment event/background logit and clip-level class logits from one modality's features."""
+        dim = self.backbone.feature_dims[modality]
+        return nn.ModuleDict({"event": Readout(dim, 1), "cls": Readout(dim, self.head_config.num_classes)})
+
+    def unimodal_head_forward(self, modality: str, feats: BackboneOutput, batch: Batch) -> Outputs:
+        head = self.unimodal_heads[modality]  # type: ignore[index]
+        x = getattr(feats, modality)  # (B, T, C)
+        cls = head["cls"](x.mean(1))  # (B, num_classes)
+        return {"is_event": head["event"](x).squeeze(-1), "event_scores": cls, "av_score": cls}
+
+    def unimodal_sample_loss(self, modality: str, outputs: Outputs, batch: Batch) -> Tensor:
+        """The fused losses per clip: event/background BCE over segments + class CE on clips with an event."""
+        label = batch["label"]  # (B, T)
+        cls, has_event = video_class(label)
+        bce = F.binary_cross_entropy_with_logits(outputs["is_event"].float(), (label != BACKGROUND).float(),
+                                                 reduction="none").mean(-1)
+        ce = F.cross_entropy(outputs["event_scores"].float(), cls, reduction="none")
+        return bce + ce * has_event
 
     def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
         label = batch["label"]  # (B, T)

@@ -36,16 +36,17 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from avmoe.datamodules.batch import AUDIO_MASK, INDEX, VISUAL_MASK
 from avmoe.metrics.avqa import QUESTION_TYPES, AVQAAccuracy
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.heads.avqa import AVQAHead, AVQAHeadConfig
+from avmoe.models.heads.unimodal import Readout
 from avmoe.models.outputs import BackboneOutput
 from avmoe.models.presets import paper_config
-from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, as_config, plain
+from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig, as_config, plain
 
 NEGATIVE_VIDEO = "negative_video"
 NEGATIVE_TOKENS = "negative_tokens"
@@ -64,6 +65,7 @@ class AVQATask(AVTask):
         question_vocab: question words by token index (``<pad>`` first); None takes them from the DataModule.
         predictions_file: where ``predict`` writes its JSON; None = ``<default_root_dir>/predictions/``
             ``avqa_predictions.json``.
+        unimodal: uni-modal predictions for the balancing callbacks (zeroed features or auxiliary heads).
     """
 
     monitor = "val/acc"
@@ -78,8 +80,9 @@ class AVQATask(AVTask):
         answer_vocab: Optional[list[str]] = None,
         question_vocab: Optional[list[str]] = None,
         predictions_file: Optional[str] = None,
+        unimodal: UnimodalConfig = UnimodalConfig(),
     ) -> None:
-        super().__init__(backbone=backbone, optim=optim)
+        super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
         self.head_config = as_config(AVQAHeadConfig, head)
         self.match_weight = match_weight
         self.predictions_file = predictions_file
@@ -93,6 +96,7 @@ class AVQATask(AVTask):
             "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
             "backbone": self.backbone_config, "head": self.head_config, "optim": self.optim,
             "match_weight": match_weight, "answer_vocab": answer_vocab, "question_vocab": question_vocab,
+            "unimodal": self.unimodal,
         }))  # predictions_file is a run setting, not a model property: left out, so `--ckpt_path` cannot override it
         if answer_vocab is not None or question_vocab is not None:
             if answer_vocab is None or question_vocab is None:
@@ -111,6 +115,7 @@ class AVQATask(AVTask):
         dims = self.backbone.feature_dims
         self.head = AVQAHead(dims["visual"], dims["audio"], len(self.question_vocab), len(self.answer_vocab),
                              self.head_config).to(self.device)
+        self.build_unimodal_heads()  # sized by the answer vocabulary, so built with the head
         self.hparams["answer_vocab"], self.hparams["question_vocab"] = self.answer_vocab, self.question_vocab
 
     def _check_vocab(self, answer_vocab: list[str], question_vocab: list[str], source: str) -> None:
@@ -177,11 +182,31 @@ class AVQATask(AVTask):
         question = batch["question_text"] if head.uses_text_model else batch["question"]
         return head(feats.visual_tokens, feats.audio, question, self.negative_tokens(batch))
 
-    def unimodal_outputs(self, feats: BackboneOutput, batch: Batch) -> dict[str, Outputs]:
+    def unimodal_outputs(self, feats: BackboneOutput, batch: Batch, mode: Optional[str] = None) -> dict[str, Outputs]:
         """Answer logits of each modality alone; the match outputs are dropped (judging an audio-visual pair needs
         both modalities, so a uni-modal loss has no match term)."""
-        outputs = super().unimodal_outputs(feats, batch)
+        outputs = super().unimodal_outputs(feats, batch, mode)
         return {m: {k: v for k, v in out.items() if not k.startswith("match_")} for m, out in outputs.items()}
+
+    # ---- auxiliary uni-modal heads ------------------------------------------------------------------------
+    def make_unimodal_head(self, modality: str) -> nn.Module:
+        """Answer logits from one modality's time-averaged features gated by the question embedding, as the fused
+        classifier (``classifier(tanh(feat * q))``)."""
+        head = self._head()
+        d = head.classifier.in_features
+        return nn.ModuleDict({"proj": Readout(self.backbone.feature_dims[modality], d),
+                              "classifier": nn.Linear(d, head.classifier.out_features)})
+
+    def unimodal_head_forward(self, modality: str, feats: BackboneOutput, batch: Batch) -> Outputs:
+        """The question embedding is the main head's, detached: auxiliary losses train the modality, not the
+        shared question encoder."""
+        head, aux = self._head(), self.unimodal_heads[modality]  # type: ignore[index]
+        q = head.question_encoder(batch["question_text"] if head.uses_text_model else batch["question"]).detach()
+        x = aux["proj"](getattr(feats, modality).mean(1))  # (B, d)
+        return {"answer_logits": aux["classifier"](torch.tanh(torch.tanh(x) * q))}
+
+    def unimodal_sample_loss(self, modality: str, outputs: Outputs, batch: Batch) -> Tensor:
+        return F.cross_entropy(outputs["answer_logits"].float(), batch["answer"], reduction="none")
 
     def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
         losses = {"loss_qa": F.cross_entropy(outputs["answer_logits"], batch["answer"])}

@@ -27,15 +27,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from avmoe.datamodules.batch import INDEX
 from avmoe.metrics.avs import OFFICIAL_CLIPS_PER_BATCH, AVSMetric, frame_iou
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.heads.avs import AVSHead, AVSHeadConfig
+from avmoe.models.heads.unimodal import DenseReadout, Readout
 from avmoe.models.outputs import BackboneOutput
-from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, as_config, plain
+from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig, as_config, plain
 
 
 @functools.cache
@@ -94,6 +95,12 @@ def masked_av_loss(
     return total / max(len(maps), 1)
 
 
+def clip_bce(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Pixel BCE averaged over each clip's annotated frames. logits/target (B, T, S, S), valid (B, T) -> (B,)."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").mean((-2, -1))
+    return (bce * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
 class AVSTask(AVTask):
     """AVMoE backbone + AVS head (taps, temporal gating, TPAVI, decoder) with the official losses and M_J / M_F.
 
@@ -104,6 +111,7 @@ class AVSTask(AVTask):
         optim: optimizer and schedule.
         visual_only_eval: evaluate (val / test / predict) with the audio replaced by silence.
         metric_clips_per_batch: clips per call of the official metric aggregation (4 as the official test).
+        unimodal: uni-modal predictions for the balancing callbacks (zeroed features or auxiliary heads).
     """
 
     monitor = "val/mj"
@@ -117,9 +125,10 @@ class AVSTask(AVTask):
         optim: OptimConfig = OptimConfig(step_size=None),
         visual_only_eval: bool = False,
         metric_clips_per_batch: int = OFFICIAL_CLIPS_PER_BATCH,
+        unimodal: UnimodalConfig = UnimodalConfig(),
     ) -> None:
         self.metric_clips_per_batch = metric_clips_per_batch  # read by make_metric inside super().__init__
-        super().__init__(backbone=backbone, optim=optim)
+        super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
         self.head_config = as_config(AVSHeadConfig, head)
         self.loss_config = as_config(AVSLossConfig, loss)
         self.visual_only_eval = visual_only_eval
@@ -129,10 +138,11 @@ class AVSTask(AVTask):
                              f"{self.head_config.tpavi_stages})")
         dims = self.backbone.feature_dims
         self.head = AVSHead(dims["visual_stages"], dims["audio"], self.head_config)
+        self.build_unimodal_heads()
         self.save_hyperparameters(plain({
             "backbone": self.backbone_config, "head": self.head_config, "loss": self.loss_config,
             "optim": self.optim, "visual_only_eval": visual_only_eval,
-            "metric_clips_per_batch": metric_clips_per_batch,
+            "metric_clips_per_batch": metric_clips_per_batch, "unimodal": self.unimodal,
         }))
 
     # ---- forward --------------------------------------------------------------------------------------------
@@ -143,6 +153,26 @@ class AVSTask(AVTask):
 
     def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
         return self.head(feats.visual_stages, feats.visual_grids, feats.audio)
+
+    # ---- auxiliary uni-modal heads ------------------------------------------------------------------------
+    def make_unimodal_head(self, modality: str) -> nn.Module:
+        """Visual: per-token mask logits on the final Swin grid, resized to the mask. Audio: one logit per frame
+        for the whole mask (sound alone cannot say where; it can say how much of the frame sounds)."""
+        dims, size = self.backbone.feature_dims, self.head_config.mask_size
+        if modality == "visual":
+            return DenseReadout(dims["visual"], dims["visual_grids"][-1], size)
+        return Readout(dims["audio"], 1)
+
+    def unimodal_head_forward(self, modality: str, feats: BackboneOutput, batch: Batch) -> Outputs:
+        head = self.unimodal_heads[modality]  # type: ignore[index]
+        if modality == "visual":
+            return {"logits": head(feats.visual_tokens)}  # (B, T, S, S)
+        size = self.head_config.mask_size
+        return {"logits": head(feats.audio)[..., None].expand(-1, -1, size, size)}  # (B, T, 1, 1) -> (B, T, S, S)
+
+    def unimodal_sample_loss(self, modality: str, outputs: Outputs, batch: Batch) -> Tensor:
+        """Per-clip BCE over the annotated frames (what ``sample_scores`` exponentiates)."""
+        return clip_bce(*self._targets(outputs, batch))
 
     # ---- losses ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -176,10 +206,7 @@ class AVSTask(AVTask):
 
     def sample_scores(self, outputs: Outputs, batch: Batch) -> Tensor:
         """``exp(-BCE)`` per clip over its annotated pixels, in (0, 1]."""
-        logits, target, valid = self._targets(outputs, batch)
-        bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").mean((-2, -1))
-        per_clip = (bce * valid).sum(1) / valid.sum(1).clamp(min=1)  # (B,)
-        return torch.exp(-per_clip)
+        return torch.exp(-clip_bce(*self._targets(outputs, batch)))
 
     def sample_correct(self, outputs: Outputs, batch: Batch) -> Tensor:
         """Mean official IoU (``sigmoid > 0.5``) over each clip's annotated frames."""

@@ -8,16 +8,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from avmoe.datamodules.batch import INDEX
 from avmoe.metrics.avvp import AVVPMetric, avvp_predictions
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.heads.avvp import AVVPHeadConfig, build_avvp_head
+from avmoe.models.heads.unimodal import Readout
 from avmoe.models.outputs import BackboneOutput
 from avmoe.models.presets import paper_adapter
-from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, as_config, plain
+from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig, as_config, plain
 
 PROB_EPS = 1e-7
 
@@ -68,6 +69,7 @@ class AVVPTask(AVTask):
         head: head architecture (``mgn`` officially, ``mmil`` baseline) and sizes.
         loss: label smoothing and class-token loss weight.
         optim: optimizer and schedule (official: Adam 3e-4, StepLR(10, 0.1)).
+        unimodal: uni-modal predictions for the balancing callbacks (zeroed features or auxiliary heads).
     """
 
     monitor = "val/segment_type"
@@ -79,18 +81,35 @@ class AVVPTask(AVTask):
         head: AVVPHeadConfig = AVVPHeadConfig(),
         loss: AVVPLossConfig = AVVPLossConfig(),
         optim: OptimConfig = OptimConfig(lr=3e-4, step_size=10, gamma=0.1),
+        unimodal: UnimodalConfig = UnimodalConfig(),
     ) -> None:
-        super().__init__(backbone=backbone, optim=optim)
+        super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
         self.head_config = as_config(AVVPHeadConfig, head)
         self.loss_config = as_config(AVVPLossConfig, loss)
         dims = self.backbone.feature_dims
         self.head = build_avvp_head(dims["visual"], dims["audio"], self.head_config)
         self.register_buffer("class_ids", torch.arange(self.head_config.num_classes), persistent=False)
+        self.build_unimodal_heads()
         self.save_hyperparameters(plain({"backbone": self.backbone_config, "head": self.head_config,
-                                         "loss": self.loss_config, "optim": self.optim}))
+                                         "loss": self.loss_config, "optim": self.optim, "unimodal": self.unimodal}))
 
     def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
         return self.head(feats.visual, feats.audio, batch.get("visual_st"))
+
+    # ---- auxiliary uni-modal heads ------------------------------------------------------------------------
+    def make_unimodal_head(self, modality: str) -> nn.Module:
+        """Video-level event logits from one modality's time-averaged features."""
+        return Readout(self.backbone.feature_dims[modality], self.head_config.num_classes)
+
+    def unimodal_head_forward(self, modality: str, feats: BackboneOutput, batch: Batch) -> Outputs:
+        x = getattr(feats, modality).mean(1)  # (B, C)
+        return {"global_prob": torch.sigmoid(self.unimodal_heads[modality](x))}  # type: ignore[index]
+
+    def unimodal_sample_loss(self, modality: str, outputs: Outputs, batch: Batch) -> Tensor:
+        """Clamped BCE against the weak labels, with the modality's own smoothing (visual 0.9 y + 0.05)."""
+        smooth = self.loss_config.audio_smoothing if modality == "audio" else self.loss_config.visual_smoothing
+        y = batch["labels"]
+        return per_sample_bce(outputs["global_prob"], smooth * y + (1 - smooth) / 2)
 
     def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
         y = batch["labels"]  # (B, C) weak labels

@@ -4,7 +4,8 @@ The base owns the backbone, the optimizer, logging, split metrics and the *modal
 balancing callbacks rely on:
 
 - :meth:`AVTask.modality_parameters` -> ``{"audio": [...], "visual": [...]}`` by module ownership;
-- :meth:`AVTask.unimodal_outputs` -> head outputs with the other modality's features zeroed;
+- :meth:`AVTask.unimodal_outputs` -> per-modality outputs, by the config choice ``unimodal.mode``: the task head
+  with the other modality's features zeroed (``zero``), or auxiliary uni-modal heads trained alongside (``aux``);
 - :meth:`AVTask.sample_scores` -> a per-sample score in [0, 1] (true-class probability, or ``exp(-loss)`` for
   tasks that are not single-label classification) and :meth:`AVTask.sample_correct` for valuation;
 - ``feature_hooks``: callables ``(task, feats, batch) -> feats`` applied in training after the per-sample
@@ -12,21 +13,23 @@ balancing callbacks rely on:
 - ``last_step``: the detached features/outputs/batch of the latest training step when ``record_steps`` is on.
 
 Subclasses implement :meth:`head_forward`, :meth:`compute_losses`, :meth:`make_metric`,
-:meth:`update_metric` and :meth:`sample_scores`.
+:meth:`update_metric` and :meth:`sample_scores`, and for ``unimodal.mode: aux`` :meth:`make_unimodal_head`,
+:meth:`unimodal_head_forward` and :meth:`unimodal_sample_loss` (calling :meth:`build_unimodal_heads` once their
+head exists).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Literal, Optional, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from avmoe.datamodules.batch import AUDIO_MASK, INDEX, VISUAL_MASK, batch_size
+from avmoe.datamodules.batch import AUDIO_MASK, INDEX, MODALITIES, VISUAL_MASK, batch_size
 from avmoe.models.avmoe import AVMoEBackbone
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.outputs import BackboneOutput
@@ -48,6 +51,28 @@ class OptimConfig:
     step_size: Optional[int] = 3
     """StepLR period in epochs; None keeps the learning rate constant."""
     gamma: float = 0.35
+
+
+UNIMODAL_MODES = ("zero", "aux")
+
+
+@dataclass
+class UnimodalConfig:
+    """Where the per-modality predictions (OGM/OPM scores, valuation) come from."""
+
+    mode: Literal["zero", "aux"] = "zero"
+    """``zero``: the task head with the other modality's features zeroed (any head, no extra parameters);
+    ``aux``: auxiliary uni-modal heads (one per modality, on that modality's features) trained with their own
+    losses next to the task loss."""
+    aux_weight: float = 1.0
+    """Weight of each auxiliary head's loss in the training loss (``aux`` only)."""
+    detach: bool = False
+    """``aux`` only: train the auxiliary heads on detached features, i.e. as probes whose losses never reach the
+    backbone (the uni-modal scores then measure the features without changing how they are trained)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in UNIMODAL_MODES:
+            raise ValueError(f"unimodal.mode must be one of {UNIMODAL_MODES}, got {self.mode!r}")
 
 
 @dataclass
@@ -92,10 +117,12 @@ class AVTask(LightningModule):
     monitor: str = "val/loss"
     monitor_mode: str = "min"
 
-    def __init__(self, backbone: AVMoEConfig, optim: OptimConfig) -> None:
+    def __init__(self, backbone: AVMoEConfig, optim: OptimConfig, unimodal: Optional[UnimodalConfig] = None) -> None:
         super().__init__()
         self.backbone_config = as_config(AVMoEConfig, backbone)
         self.optim = as_config(OptimConfig, optim)
+        self.unimodal = as_config(UnimodalConfig, unimodal)
+        self.unimodal_heads: Optional[nn.ModuleDict] = None  # built by build_unimodal_heads (mode "aux")
         self.backbone = AVMoEBackbone(self.backbone_config)
         self.metrics = nn.ModuleDict({"val_metric": self.make_metric(), "test_metric": self.make_metric()})
         self.feature_hooks: list[FeatureHook] = []
@@ -127,6 +154,18 @@ class AVTask(LightningModule):
         """Per-sample correctness in [0, 1] (valuation). Defaults to :meth:`sample_scores`."""
         return self.sample_scores(outputs, batch)
 
+    def make_unimodal_head(self, modality: str) -> nn.Module:
+        """The auxiliary head of ``modality`` (``unimodal.mode: aux``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no auxiliary uni-modal heads; use unimodal.mode: zero")
+
+    def unimodal_head_forward(self, modality: str, feats: BackboneOutput, batch: Batch) -> Outputs:
+        """Outputs of the auxiliary head of ``modality``, with the keys ``sample_scores``/``sample_correct`` read."""
+        raise NotImplementedError(f"{type(self).__name__} has no auxiliary uni-modal heads; use unimodal.mode: zero")
+
+    def unimodal_sample_loss(self, modality: str, outputs: Outputs, batch: Batch) -> Tensor:
+        """Per-sample training loss (B,) of an auxiliary head's outputs."""
+        raise NotImplementedError(f"{type(self).__name__} has no auxiliary uni-modal heads; use unimodal.mode: zero")
+
     def head_modality_modules(self) -> dict[str, list[nn.Module]]:
         """Head modules owned by one modality. Override when the head has uni-modal branches."""
         head = getattr(self, "head", None)
@@ -148,16 +187,48 @@ class AVTask(LightningModule):
 
     # ---- modality contract ------------------------------------------------------------------------------
     def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters per modality, by module ownership (backbone adapters + head branches)."""
+        """Trainable parameters per modality, by module ownership (backbone adapters + head branches).
+
+        Auxiliary uni-modal heads are classifiers, like the fused head's classifier, and belong to no group:
+        gradient modulation acts on what produces the features, not on the read-outs that score them.
+        """
         groups = self.backbone.modality_parameters()
         for modality, modules in self.head_modality_modules().items():
             groups[modality] = groups[modality] + [p for m in modules for p in m.parameters() if p.requires_grad]
         return groups
 
-    def unimodal_outputs(self, feats: BackboneOutput, batch: Batch) -> dict[str, Outputs]:
-        """Head outputs of each modality alone: the other modality's features are zeroed before the head."""
+    def unimodal_outputs(self, feats: BackboneOutput, batch: Batch, mode: Optional[str] = None) -> dict[str, Outputs]:
+        """Outputs of each modality alone, by ``mode`` (default ``unimodal.mode``): ``zero`` runs the task head with
+        the other modality's features zeroed, ``aux`` runs the auxiliary heads."""
+        mode = mode or self.unimodal.mode
+        if mode == "aux":
+            if self.unimodal_heads is None:
+                raise RuntimeError(f"{type(self).__name__}: auxiliary heads are not built (unimodal.mode is "
+                                   f"{self.unimodal.mode!r})")
+            return {m: self.unimodal_head_forward(m, feats, batch) for m in MODALITIES}
         return {"audio": self.head_forward(feats.drop("visual"), batch),
                 "visual": self.head_forward(feats.drop("audio"), batch)}
+
+    def build_unimodal_heads(self) -> None:
+        """Create the auxiliary heads when ``unimodal.mode`` is ``aux`` (subclasses call it once the head exists)."""
+        if self.unimodal.mode == "aux" and self.unimodal_heads is None:
+            self.unimodal_heads = nn.ModuleDict({m: self.make_unimodal_head(m) for m in MODALITIES}).to(self.device)
+
+    def unimodal_losses(self, feats: BackboneOutput, batch: Batch) -> dict[str, Tensor]:
+        """Weighted auxiliary-head losses, each averaged over the samples that carry its modality.
+
+        Samples whose modality was dropped (data-plan masks, OPM) are left out rather than taught to predict from
+        zeros; with none left the loss is an exact zero that still touches every auxiliary parameter (DDP).
+        """
+        source = feats.detach() if self.unimodal.detach else feats
+        losses = {}
+        for modality in MODALITIES:
+            outputs = self.unimodal_head_forward(modality, source, batch)
+            per_sample = self.unimodal_sample_loss(modality, outputs, batch).float()  # (B,)
+            keep = source.present(modality).to(per_sample.dtype)
+            loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
+            losses[f"loss_aux_{modality}"] = self.unimodal.aux_weight * loss
+        return losses
 
     # ---- loops ------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Optional[Tensor]:
@@ -165,6 +236,8 @@ class AVTask(LightningModule):
             return None
         feats, outputs = self(batch)
         losses = self.compute_losses(outputs, batch)
+        if self.unimodal_heads is not None:
+            losses.update(self.unimodal_losses(feats, batch))
         loss = torch.stack(list(losses.values())).sum() + feats.aux_loss
         bs = batch_size(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -184,6 +257,10 @@ class AVTask(LightningModule):
         loss = torch.stack(list(losses.values())).sum()
         self.log(f"{split}/loss", loss, batch_size=batch_size(batch), sync_dist=True)
         self.update_metric(self.metrics[f"{split}_metric"], outputs, batch)
+        if self.unimodal_heads is not None:  # how well each auxiliary head does on its own
+            for modality, out in self.unimodal_outputs(feats, batch, mode="aux").items():
+                correct = self.sample_correct(out, batch).float().mean()
+                self.log(f"{split}/aux_{modality}_correct", correct, batch_size=batch_size(batch), sync_dist=True)
         return outputs
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
