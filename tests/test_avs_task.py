@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
+import lightning
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from avmoe.datamodules import AVSBenchDataModule, LogMel, LogMelConfig
 from avmoe.metrics import AVSMetric
 from avmoe.models.heads.avs import TPAVI, AVSHeadConfig
 from avmoe.models.presets import paper_adapter, tiny_config
-from avmoe.tasks.avs import AVSLossConfig, AVSTask, masked_av_loss, silence_db
+from avmoe.tasks.avs import UNUSED_DECODER_PREFIX, AVSLossConfig, AVSTask, masked_av_loss, silence_db
 from tests.helpers import CONFIGS
 
 TINY_HEAD = AVSHeadConfig(channels=16, mask_size=64, audio_dim=16, temporal_d_model=16, temporal_heads=2,
@@ -109,6 +110,31 @@ def test_head_outputs(task):
     assert counts["frozen"] > 0 and counts["trainable"] > 0
     head_audio = {id(p) for m in task.head.modality_modules()["audio"] for p in m.parameters()}
     assert all(id(p) not in head_audio for p in task.head.taps.parameters())
+
+
+@pytest.mark.parametrize("masked_av_weight", [0.0, 0.5])  # the S4 and MS3 losses
+def test_every_trainable_parameter_gets_a_gradient(masked_av_weight):
+    """Plain DDP (find_unused_parameters=False) needs every trainable parameter in every step's graph."""
+    torch.manual_seed(0)
+    model = AVSTask(backbone=tiny_config(), head=TINY_HEAD, loss=AVSLossConfig(masked_av_weight=masked_av_weight))
+    model.train()
+    batch = _batch(model)
+    _, out = model(batch)
+    torch.stack(list(model.compute_losses(out, batch).values())).sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused
+
+
+def test_checkpoints_with_the_unused_official_decoder_unit_still_load(task, tmp_path):
+    state = task.state_dict()
+    state.update({f"{UNUSED_DECODER_PREFIX}conv1.weight": torch.zeros(1),
+                  f"{UNUSED_DECODER_PREFIX}conv1.bias": torch.zeros(1)})
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": dict(task.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    loaded = AVSTask.load_from_checkpoint(path, weights_only=True)  # strict
+    assert torch.equal(loaded.head.paths[0].rcu1.conv1.weight, task.head.paths[0].rcu1.conv1.weight)
+    assert loaded.head.paths[3].rcu1 is None
 
 
 # ---- losses -------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from tests import test_ave_task as ave
 from tests import test_avqa_task as avqa
 from tests import test_avs_task as avs
 from tests import test_avvp_task as avvp
+from tests.helpers import CONFIGS
 from tests.test_callbacks import imbalanced_release, make_datamodule, make_trainer  # noqa: F401  (fixture)
 
 AUX = UnimodalConfig(mode="aux")
@@ -187,3 +188,25 @@ def test_ogm_and_opm_scores_follow_the_task_mode():
             uni = task.unimodal_outputs(feats, batch, mode)
             expected = [task.sample_scores(uni[m], batch).double().sum().item() for m in ("audio", "visual")]
             assert (sums[:2].tolist() == pytest.approx(expected)) == (mode == "aux")
+
+
+@pytest.mark.parametrize("mode", ["zero", "aux"])
+@pytest.mark.parametrize("name", CASES)
+def test_training_loss_reaches_every_trainable_parameter(name, mode):
+    """Plain DDP (find_unused_parameters=False) needs every trainable parameter in each step's graph, the
+    auxiliary heads included."""
+    task, batch = build(name, UnimodalConfig(mode=mode))
+    task.train()
+    with pytest.warns(UserWarning, match="self.trainer"):  # logging without a Trainer: Lightning warns only
+        loss = task.training_step(batch, 0)
+    loss.backward()
+    unused = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused
+
+
+@pytest.mark.parametrize("config", ["demo.yaml", "demo_avvp.yaml", "demo_avs.yaml", "demo_avqa.yaml"])
+def test_cli_defaults_to_zero_and_the_preset_switches_to_aux(config):
+    zero = avs._print_config(CONFIGS / config)["model"]["init_args"]["unimodal"]
+    aux = avs._print_config(CONFIGS / config, CONFIGS / "model" / "unimodal_aux.yaml")["model"]["init_args"]["unimodal"]
+    assert zero == {"mode": "zero", "aux_weight": 1.0, "detach": False}
+    assert aux == {**zero, "mode": "aux"}

@@ -95,6 +95,9 @@ def masked_av_loss(
     return total / max(len(maps), 1)
 
 
+UNUSED_DECODER_PREFIX = "head.paths.3.rcu1."  # the official path4.resConfUnit1, never called
+
+
 def clip_bce(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """Pixel BCE averaged over each clip's annotated frames. logits/target (B, T, S, S), valid (B, T) -> (B,)."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").mean((-2, -1))
@@ -153,6 +156,13 @@ class AVSTask(AVTask):
 
     def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
         return self.head(feats.visual_stages, feats.visual_grids, feats.audio)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the deepest decoder block lost its never-used ``rcu1`` still load."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(UNUSED_DECODER_PREFIX)]:
+            del state[key]
+        super().on_load_checkpoint(checkpoint)
 
     # ---- auxiliary uni-modal heads ------------------------------------------------------------------------
     def make_unimodal_head(self, modality: str) -> nn.Module:

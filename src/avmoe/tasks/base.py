@@ -117,7 +117,7 @@ class AVTask(LightningModule):
     monitor: str = "val/loss"
     monitor_mode: str = "min"
 
-    def __init__(self, backbone: AVMoEConfig, optim: OptimConfig, unimodal: Optional[UnimodalConfig] = None) -> None:
+    def __init__(self, backbone: AVMoEConfig, optim: OptimConfig, unimodal: UnimodalConfig = UnimodalConfig()) -> None:
         super().__init__()
         self.backbone_config = as_config(AVMoEConfig, backbone)
         self.optim = as_config(OptimConfig, optim)

@@ -159,15 +159,22 @@ class ResidualConvUnit(nn.Module):
 
 
 class FeatureFusionBlock(nn.Module):
-    """``out = up2(rcu2(x + rcu1(skip)))`` (or ``up2(rcu2(x))`` without a skip), bilinear, align_corners=True."""
+    """``out = up2(rcu2(x + rcu1(skip)))`` (or ``up2(rcu2(x))`` without a skip), bilinear, align_corners=True.
 
-    def __init__(self, channels: int) -> None:
+    The deepest block never gets a skip; it is built without ``rcu1`` (``with_skip=False``). The official code
+    creates that unit anyway and leaves it without gradient, which made plain DDP stop ("parameters that were not
+    used"); older checkpoints that still hold it load through :meth:`AVSTask.on_load_checkpoint`.
+    """
+
+    def __init__(self, channels: int, with_skip: bool = True) -> None:
         super().__init__()
-        self.rcu1 = ResidualConvUnit(channels)
+        self.rcu1 = ResidualConvUnit(channels) if with_skip else None
         self.rcu2 = ResidualConvUnit(channels)
 
     def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
         if skip is not None:
+            if self.rcu1 is None:
+                raise ValueError("this FeatureFusionBlock was built without a skip input (with_skip=False)")
             x = x + self.rcu1(skip)
         return F.interpolate(self.rcu2(x), scale_factor=2, mode="bilinear", align_corners=True)
 
@@ -203,7 +210,7 @@ class AVSHead(nn.Module):
         self.temporal = TemporalGating(cfg, 4)
         self.tpavi = nn.ModuleDict({str(s): TPAVI(c, cfg.audio_dim, cfg.tpavi_inter_channels)
                                     for s in sorted(set(cfg.tpavi_stages))})
-        self.paths = nn.ModuleList([FeatureFusionBlock(c) for _ in range(4)])  # path1..path4
+        self.paths = nn.ModuleList([FeatureFusionBlock(c, with_skip=s < 3) for s in range(4)])  # path1..path4
         h1, h2 = cfg.output_hidden
         self.output_conv = nn.Sequential(nn.Conv2d(c, h1, 3, padding=1), nn.Upsample(scale_factor=2, mode="bilinear"),
                                          nn.Conv2d(h1, h2, 3, padding=1), nn.ReLU(), nn.Conv2d(h2, 1, 1))
