@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backbones import htsat, swin
 from .config import AVMoEConfig
+from .mixup import mix_log_mel
 from .moe import MoEAdapter
 from .outputs import BackboneOutput
 
@@ -176,6 +177,8 @@ class AVMoEBackbone(nn.Module):
         if tuple(audio.shape[:2]) != (b, t):
             raise ValueError(f"video has (B, T) = {(b, t)} but audio has {tuple(audio.shape[:2])}")
         fv, hw_v = swin.embed(self.visual_encoder, self.preprocess_video(video))  # (M, Nv0, Cv0)
+        if self.training and self.config.audio.mixup_alpha > 0:
+            audio, _ = mix_log_mel(audio, self.config.audio.mixup_alpha, self.config.audio.mixup_partner)
         fa, hw_a = htsat.embed(self.audio_encoder, audio.reshape(b * t, 1, *audio.shape[2:]))  # (M, Na0, Ca0)
         stages: list[Tensor] = []
         grids: list[Grid] = []

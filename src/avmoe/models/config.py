@@ -56,6 +56,13 @@ class AudioEncoderConfig:
     """Reproduce the official quirk: encoder in train mode (dropout, BatchNorm statistics updates)."""
     trainable: bool = False
     """Unfreeze the encoder weights (official AVS-S4 behaviour)."""
+    mixup_alpha: float = 0.0
+    """Training-time log-mel mixup of every 1-s segment with a partner, ``lam * x + (1 - lam) * x_partner``,
+    ``lam ~ Beta(alpha, alpha)`` per segment; labels are not mixed (official AVVP/AVS/AVQA: 0.5; 0 = off)."""
+    mixup_partner: Literal["frames", "clips"] = "frames"
+    """``frames``: the partner comes from the reversed (B*T) segment batch, as the official ``do_mixup`` on the
+    flattened input (with batch 1 segment t meets segment T-1-t of the same clip); ``clips``: the same segment
+    of the clip at the reversed batch position (a clip meets another clip whenever B > 1)."""
 
 
 @dataclass
