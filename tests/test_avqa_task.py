@@ -311,3 +311,29 @@ def test_fit_test_predict_through_the_cli_beats_the_majority_baseline(release, i
     train_items = json.loads((release / "json" / "avqa-train.json").read_text(encoding="utf-8"))
     assert model.answer_vocab == list(dict.fromkeys(q["anser"] for q in train_items))
     assert torch.load(best, weights_only=True)[VOCAB_KEY]["answers"] == model.answer_vocab
+
+
+@pytest.mark.parametrize("mode", ["zero", "aux"])
+def test_init_from_builds_the_vocabulary_sized_head_from_the_checkpoint(mode, tmp_path):
+    """``run.init_from`` (weights only, strict) into a model that has no vocabularies yet."""
+    from avmoe.cli import init_weights  # noqa: PLC0415
+    from avmoe.tasks.base import UnimodalConfig  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    unimodal = UnimodalConfig(mode=mode)
+    source = AVQATask(backbone=tiny_backbone(), head=TINY_HEAD, answer_vocab=ANSWERS, question_vocab=WORDS,
+                      unimodal=unimodal)
+    checkpoint = {"state_dict": source.state_dict()}
+    source.on_save_checkpoint(checkpoint)
+    path = tmp_path / "source.ckpt"
+    torch.save(checkpoint, path)
+    fresh = AVQATask(backbone=tiny_backbone(), head=TINY_HEAD, unimodal=unimodal)
+    assert init_weights(fresh, str(path), strict=True) == ([], [])
+    batch = tiny_batch(source, negatives=False)
+    source.eval(), fresh.eval()
+    with torch.no_grad():
+        feats = source.encode(batch)
+        torch.testing.assert_close(fresh(batch)[1]["answer_logits"], source(batch)[1]["answer_logits"])
+        if mode == "aux":
+            torch.testing.assert_close(fresh.unimodal_outputs(feats, batch)["audio"]["answer_logits"],
+                                       source.unimodal_outputs(feats, batch)["audio"]["answer_logits"])
