@@ -15,7 +15,7 @@ several seeds, and evaluates on the test split:
 Then it replaces the section ``## Balancing methods`` of ``bench/BENCHMARKS.md`` with the table (mean +- std over
 seeds, and min..max). CPU, one thread by default; clips are decoded once (real decoders) and kept in memory.
 
-    python bench/balance.py                                   # the BENCHMARKS.md table (~15 min on 2 cores)
+    python bench/balance.py                                   # the BENCHMARKS.md table (~22 min on 2 cores)
     python bench/balance.py --seeds 0 --epochs 1 --methods baseline ogm_ge --no-write   # smoke run
 
 Epoch windows are scaled to the short runs: OGM/OPM warm-ups of 1 epoch (journal code: 6 of 100), valuation
