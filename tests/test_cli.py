@@ -30,6 +30,14 @@ def test_help_shows_our_docstrings():
     assert "--run.resume" in text
 
 
+def test_class_help_shows_config_field_docstrings():
+    out = io.StringIO()
+    with pytest.raises(SystemExit), redirect_stdout(out):
+        run_cli(["fit", "--model.help", "avmoe.tasks.AVETask"])
+    text = " ".join(out.getvalue().split())
+    assert "--model.unimodal.mode" in text and "the task head with the other modality's features zeroed" in text
+
+
 def test_print_config_composes_configs(tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text("run: {name: composed}\ntrainer: {max_epochs: 3}\n")

@@ -218,7 +218,8 @@ def cli_main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else args
     # Field docstrings of our config dataclasses become --help text (litgpt does the same). Parsing them reads
     # the source of every config class (about a second per start), so only when help is asked for.
-    wants_help = isinstance(argv, (list, tuple)) and any(str(a) in HELP_FLAGS for a in argv)
+    wants_help = isinstance(argv, (list, tuple)) and any(
+        str(a) in HELP_FLAGS or str(a).split("=")[0].endswith(".help") for a in argv)  # also --model.help X
     set_docstring_parse_options(attribute_docstrings=wants_help)
     try:
         AVMoECLI(
