@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from avmoe.datamodules.ave import AVE_CATEGORIES
 from avmoe.datamodules.batch import INDEX
 from avmoe.metrics.ave import BACKGROUND, AVESegmentAccuracy, ave_segment_predictions
 from avmoe.models.config import AVMoEConfig
@@ -111,6 +112,15 @@ class AVETask(AVTask):
         """Fraction of correctly classified segments per clip."""
         return (self.predict_segments(outputs) == batch["label"]).float().mean(-1)
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        _, outputs = self(batch)
+    prediction_name = "ave"
+
+    def predictions(self, batch: Batch, outputs: Outputs) -> dict[str, Any]:
         return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "segments": self.predict_segments(outputs)}
+
+    def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per clip: the event name of every 1-s segment (``background`` for class 28) and the class ids."""
+        names = (*AVE_CATEGORIES, "background")
+        vids = predictions["video_id"] or [None] * len(predictions[INDEX])
+        return [{"index": int(index), "video_id": vid, "segments": [names[c] for c in seg],
+                 "segment_ids": [int(c) for c in seg]}
+                for index, vid, seg in zip(predictions[INDEX].tolist(), vids, predictions["segments"].tolist())]

@@ -29,8 +29,6 @@ the CLI's run folder), one record per question row, de-duplicated and in dataset
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -89,7 +87,6 @@ class AVQATask(AVTask):
         self.answer_vocab: Optional[list[str]] = None
         self.question_vocab: Optional[list[str]] = None
         self.head: Optional[AVQAHead] = None
-        self._predictions: list[dict[str, Any]] = []
         self.save_hyperparameters(plain({
             # ``_class_path`` as LightningCLI itself stores it: ``--ckpt_path FILE`` re-parses the checkpoint's
             # hyper-parameters as a subclass spec (stock LightningCLI fails without it; avmoe.cli uses it if present).
@@ -246,43 +243,27 @@ class AVQATask(AVTask):
         return (outputs["answer_logits"].argmax(-1) == batch["answer"]).float()
 
     # ---- prediction ------------------------------------------------------------------------------------------
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        _, outputs = self(batch)
+    prediction_name = "avqa"
+
+    def predictions(self, batch: Batch, outputs: Outputs) -> dict[str, Any]:
         pred = outputs["answer_logits"].argmax(-1)
-        answers = self.answer_strings(pred)
+        return {INDEX: batch[INDEX], "question_id": batch.get("question_id"), "answer": self.answer_strings(pred),
+                "answer_index": pred}
+
+    def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
+        """Answer string per question, with its ID, video, true answer and question type when known."""
+        answers, pred = predictions["answer"], predictions["answer_index"]
         truth = self.answer_strings(batch["answer"]) if "answer" in batch else [None] * len(answers)
         qids = batch["question_id"].tolist() if "question_id" in batch else [None] * len(answers)
         vids = batch.get("video_id") or [None] * len(answers)
         qtypes = batch["qtype"].tolist() if "qtype" in batch else [None] * len(answers)
-        for i, index in enumerate(batch[INDEX].tolist()):
-            self._predictions.append({
-                "index": index, "question_id": qids[i], "video_id": vids[i], "answer": answers[i],
-                "answer_index": int(pred[i]), "label": truth[i],
-                "question_type": "/".join(QUESTION_TYPES[qtypes[i]]) if qtypes[i] is not None else None,
-            })
-        return {INDEX: batch[INDEX], "question_id": batch.get("question_id"), "answer": answers, "answer_index": pred}
+        return [{"index": index, "question_id": qids[i], "video_id": vids[i], "answer": answers[i],
+                 "answer_index": int(pred[i]), "label": truth[i],
+                 "question_type": "/".join(QUESTION_TYPES[qtypes[i]]) if qtypes[i] is not None else None}
+                for i, index in enumerate(batch[INDEX].tolist())]
 
-    def on_predict_epoch_start(self) -> None:
-        self._predictions = []
-
-    def on_predict_epoch_end(self) -> None:
-        records = self._predictions
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        unique = {r["index"]: r for r in reversed(records)}  # DDP padding repeats rows: keep one per index
-        records = [unique[i] for i in sorted(unique)]
-        if self.trainer.is_global_zero:
-            path = self.prediction_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            payload = {"answer_vocab": self.answer_vocab, "num_questions": len(records), "predictions": records}
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-            os.replace(tmp, path)
-        self._predictions = []
+    def prediction_payload(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"answer_vocab": self.answer_vocab, "num_questions": len(records), "predictions": records}
 
     def prediction_path(self) -> Path:
-        if self.predictions_file:
-            return Path(self.predictions_file)
-        return Path(self.trainer.default_root_dir) / "predictions" / "avqa_predictions.json"
+        return Path(self.predictions_file) if self.predictions_file else super().prediction_path()

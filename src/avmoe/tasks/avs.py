@@ -37,6 +37,7 @@ from avmoe.models.heads.avs import AVSHead, AVSHeadConfig
 from avmoe.models.heads.unimodal import DenseReadout, Readout
 from avmoe.models.outputs import BackboneOutput
 from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig, as_config, plain
+from avmoe.tasks.predictions import write_mask_png
 
 
 @functools.cache
@@ -230,8 +231,25 @@ class AVSTask(AVTask):
         """Returns the outputs so that callbacks (mask pictures) can read the logits."""
         return self._eval_step(batch, "val")
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+    prediction_name = "avs"
+
+    def predictions(self, batch: Batch, outputs: Outputs) -> dict[str, Any]:
         """Binary masks (B, T, S, S) at the official rule ``sigmoid > 0.5``, with the sample index and video id."""
-        _, outputs = self(batch)
         masks = torch.sigmoid(outputs["logits"].float()) > 0.5
         return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "masks": masks}
+
+    def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
+        """Writes every frame's mask as ``predictions/avs_masks/<video_id>/<t>.png`` (0 / 255, t from 1, as the
+        release's frame names) and returns per clip the files (relative to the predictions folder) and the
+        predicted foreground fraction of each frame."""
+        folder = self.prediction_path().parent
+        vids = predictions["video_id"] or [None] * len(predictions[INDEX])
+        records = []
+        for index, vid, clip in zip(predictions[INDEX].tolist(), vids, predictions["masks"].cpu().numpy()):
+            name = str(vid) if vid is not None else f"{index:06d}"
+            files = [f"avs_masks/{name}/{t + 1}.png" for t in range(len(clip))]
+            for file, mask in zip(files, clip):
+                write_mask_png(folder / file, mask)
+            records.append({"index": int(index), "video_id": vid, "masks": files,
+                            "foreground": [round(float(m.mean()), 6) for m in clip]})
+        return records

@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from avmoe.datamodules.batch import INDEX
+from avmoe.datamodules.llp import LLP_CATEGORIES
 from avmoe.metrics.avvp import AVVPMetric, avvp_predictions
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.heads.avvp import AVVPHeadConfig, build_avvp_head
@@ -19,6 +21,7 @@ from avmoe.models.heads.unimodal import Readout
 from avmoe.models.outputs import BackboneOutput
 from avmoe.models.presets import paper_adapter
 from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig, as_config, plain
+from avmoe.tasks.predictions import event_runs
 
 PROB_EPS = 1e-7
 
@@ -146,9 +149,31 @@ class AVVPTask(AVTask):
         inter, union = (pred & true).sum(-1).float(), (pred | true).sum(-1).float()
         return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+    prediction_name = "avvp"
+
+    def predictions(self, batch: Batch, outputs: Outputs) -> dict[str, Any]:
         """Official binary parsing: audio/visual (B, C, T) predictions masked by the video-level ones."""
-        _, outputs = self(batch)
         audio, visual = avvp_predictions(outputs["global_prob"], outputs["audio_seg_prob"], outputs["visual_seg_prob"])
         return {INDEX: batch[INDEX], "filename": batch.get("filename"), "global_prob": outputs["global_prob"],
                 "audio": audio, "visual": visual}
+
+    def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per video: the predicted labels and the parsed events, ``{modality, event, onset, offset}`` in seconds
+        (the layout of the release's ``AVVP_eval_audio.csv`` / ``AVVP_eval_visual.csv`` rows)."""
+        names = self.class_names()
+        files = predictions["filename"] or [None] * len(predictions[INDEX])
+        records = []
+        for i, index in enumerate(predictions[INDEX].tolist()):
+            events = [{"modality": modality, "event": names[c], "onset": onset, "offset": offset}
+                      for modality in ("audio", "visual")
+                      for c, active in enumerate(np.asarray(predictions[modality][i].cpu(), dtype=bool))
+                      for onset, offset in event_runs(active)]
+            labels = (predictions["global_prob"][i] >= 0.5).nonzero().flatten().tolist()
+            records.append({"index": int(index), "filename": files[i], "labels": [names[c] for c in labels],
+                            "events": events})
+        return records
+
+    def class_names(self) -> list[str]:
+        """LLP's 25 event names when the head has 25 classes, else ``class_<i>``."""
+        n = self.head_config.num_classes
+        return list(LLP_CATEGORIES) if n == len(LLP_CATEGORIES) else [f"class_{i}" for i in range(n)]

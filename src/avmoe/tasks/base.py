@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional, TypeVar
 
 import torch
@@ -33,6 +34,7 @@ from avmoe.datamodules.batch import AUDIO_MASK, INDEX, MODALITIES, VISUAL_MASK, 
 from avmoe.models.avmoe import AVMoEBackbone
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.outputs import BackboneOutput
+from avmoe.tasks.predictions import gather_records, write_json
 
 Batch = dict[str, Any]
 Outputs = dict[str, Tensor]
@@ -128,6 +130,7 @@ class AVTask(LightningModule):
         self.feature_hooks: list[FeatureHook] = []
         self.record_steps = False
         self.last_step: Optional[StepRecord] = None
+        self._prediction_records: list[dict[str, Any]] = []
 
     # ---- task-specific pieces ---------------------------------------------------------------------------
     @abstractmethod
@@ -282,9 +285,39 @@ class AVTask(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metric("test")
 
+    # ---- prediction ---------------------------------------------------------------------------------------
+    prediction_name: str = "task"  # file stem of <run folder>/predictions/<name>_predictions.json
+
+    def predictions(self, batch: Batch, outputs: Outputs) -> dict[str, Any]:
+        """What ``predict_step`` returns for a batch (``trainer.predict``). Tasks return their decoded predictions."""
+        return {INDEX: batch[INDEX], **outputs}
+
+    def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
+        """JSON-able records, one per sample with its ``index``, for the predictions file; [] writes no file."""
+        return []
+
+    def prediction_payload(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"num_samples": len(records), "predictions": records}
+
+    def prediction_path(self) -> Path:
+        return Path(self.trainer.default_root_dir) / "predictions" / f"{self.prediction_name}_predictions.json"
+
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         _, outputs = self(batch)
-        return {INDEX: batch[INDEX], **outputs}
+        result = self.predictions(batch, outputs)
+        if self._trainer is not None:  # files go to the Trainer's run folder; a bare call only returns
+            self._prediction_records.extend(self.prediction_records(batch, result))
+        return result
+
+    def on_predict_epoch_start(self) -> None:
+        self._prediction_records = []
+
+    def on_predict_epoch_end(self) -> None:
+        """Gather every rank's records (padding removed by index) and write the file once, on rank zero."""
+        records = gather_records(self._prediction_records, self.trainer.world_size)
+        if records and self.trainer.is_global_zero:
+            write_json(self.prediction_path(), self.prediction_payload(records))
+        self._prediction_records = []
 
     # ---- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

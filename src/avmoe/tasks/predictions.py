@@ -1,0 +1,57 @@
+"""``predict`` output files: per-sample records gathered over the ranks and written once, as JSON.
+
+Every task turns its batch predictions into JSON-able records with an ``index`` (the sample's position in the
+split). Under DDP the records of all ranks are gathered, the sampler's padding duplicates are dropped by index,
+and rank zero writes ``<run folder>/predictions/<task>_predictions.json`` (temp file + ``os.replace``, so a
+reader never sees half a file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def gather_records(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """All ranks' records, one per ``index``, sorted by index (every rank gets the same list)."""
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(parts, records)
+        records = [r for part in parts for r in part]
+    unique = {r["index"]: r for r in reversed(records)}  # DDP padding repeats samples: keep one per index
+    return [unique[i] for i in sorted(unique)]
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A binary mask (H, W) as an 8-bit PNG (0 / 255), written atomically (padding may write a clip twice)."""
+    from PIL import Image  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp)
+    os.replace(tmp, path)
+
+
+def event_runs(active: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of true segments: (T,) bool -> [(onset, offset)] with offset exclusive (seconds)."""
+    runs, start = [], None
+    for t, on in enumerate(list(active) + [False]):
+        if on and start is None:
+            start = t
+        elif not on and start is not None:
+            runs.append((start, t))
+            start = None
+    return runs
+
