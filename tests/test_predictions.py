@@ -78,3 +78,24 @@ def test_cli_predict_writes_the_task_file_in_the_run_folder(task, release_fixtur
                 png = np.asarray(Image.open(folder / file))
                 assert png.shape == (224, 224) and set(np.unique(png)) <= {0, 255}
                 assert (png > 0).mean() == pytest.approx(fraction, abs=1e-6)
+
+
+def _gather_worker(rank: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    # DistributedSampler over 5 samples on 2 ranks: rank 0 gets 0, 2, 4; rank 1 gets 1, 3 and pads with 0.
+    mine = [[0, 2, 4], [1, 3, 0]][rank]
+    records = gather_records([{"index": i, "rank": rank} for i in mine], world_size=2)
+    torch.save(records, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_gather_records_over_two_ranks_keeps_each_sample_once(tmp_path):
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    out = tmp_path / "records"
+    mp.spawn(_gather_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(f"{out}.{r}") for r in (0, 1))
+    assert rank0 == rank1, "every rank builds the same list"
+    assert [r["index"] for r in rank0] == [0, 1, 2, 3, 4]
+    assert [r["rank"] for r in rank0] == [0, 1, 0, 1, 0]
