@@ -151,7 +151,7 @@ def test_fit_with_aux_heads_and_balancing_callbacks(imbalanced_release, tmp_path
     trainer.fit(task, make_datamodule(imbalanced_release, batch_size=4))
     metrics = trainer.callback_metrics
     assert {"train/loss_aux_audio", "train/loss_aux_visual", "ogm/k_audio", "ogm/k_visual",
-            "val/aux_audio_correct", "val/aux_visual_correct"} <= set(metrics)
+            "val/unimodal_audio", "val/unimodal_visual"} <= set(metrics)
     assert seen and all(g > 0 for g in seen)
     assert valuation.table is not None and valuation.summary
 
@@ -208,5 +208,26 @@ def test_training_loss_reaches_every_trainable_parameter(name, mode):
 def test_cli_defaults_to_zero_and_the_preset_switches_to_aux(config):
     zero = avs._print_config(CONFIGS / config)["model"]["init_args"]["unimodal"]
     aux = avs._print_config(CONFIGS / config, CONFIGS / "model" / "unimodal_aux.yaml")["model"]["init_args"]["unimodal"]
-    assert zero == {"mode": "zero", "aux_weight": 1.0, "detach": False}
+    assert zero == {"mode": "zero", "aux_weight": 1.0, "detach": False, "eval_correctness": True}
     assert aux == {**zero, "mode": "aux"}
+
+
+@pytest.mark.parametrize("mode", ["zero", "aux"])
+def test_eval_logs_each_modality_alone_counting_every_sample_once(mode):
+    from avmoe.datamodules.batch import INDEX  # noqa: PLC0415
+
+    task, batch = build("ave", UnimodalConfig(mode=mode))
+    task.eval()
+    with torch.no_grad():
+        feats = task.encode(batch)
+        uni = task.unimodal_outputs(feats, batch)
+        expected = [task.sample_correct(uni[m], batch).mean().item() for m in ("audio", "visual")]
+        metric = task.metrics["val_unimodal"]
+        with pytest.warns(UserWarning, match="self.trainer"):
+            task._eval_step(batch, "val")
+        padded = {k: (v[:1] if torch.is_tensor(v) and v.shape[:1] == batch[INDEX].shape else v) for k, v in batch.items()}
+        with pytest.warns(UserWarning, match="self.trainer"):
+            task._eval_step(padded, "val")  # sample 0 again, as a DistributedSampler pads
+        values = metric.compute()
+    assert [values["unimodal_audio"].item(), values["unimodal_visual"].item()] == pytest.approx(expected)
+    assert "val_unimodal" not in build("ave", UnimodalConfig(eval_correctness=False))[0].metrics

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from avmoe.datamodules.batch import AUDIO_MASK, INDEX, MODALITIES, VISUAL_MASK, batch_size
+from avmoe.metrics.unimodal import UnimodalCorrectness
 from avmoe.models.avmoe import AVMoEBackbone
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.outputs import BackboneOutput
@@ -71,6 +72,9 @@ class UnimodalConfig:
     detach: bool = False
     """``aux`` only: train the auxiliary heads on detached features, i.e. as probes whose losses never reach the
     backbone (the uni-modal scores then measure the features without changing how they are trained)."""
+    eval_correctness: bool = True
+    """Log ``{val,test}/unimodal_audio`` and ``unimodal_visual``: each modality's mean ``sample_correct`` alone,
+    from this mode's predictions, every sample once (zero mode costs two extra head passes per eval batch)."""
 
     def __post_init__(self) -> None:
         if self.mode not in UNIMODAL_MODES:
@@ -127,6 +131,8 @@ class AVTask(LightningModule):
         self.unimodal_heads: Optional[nn.ModuleDict] = None  # built by build_unimodal_heads (mode "aux")
         self.backbone = AVMoEBackbone(self.backbone_config)
         self.metrics = nn.ModuleDict({"val_metric": self.make_metric(), "test_metric": self.make_metric()})
+        if self.unimodal.eval_correctness:
+            self.metrics.update({"val_unimodal": UnimodalCorrectness(), "test_unimodal": UnimodalCorrectness()})
         self.feature_hooks: list[FeatureHook] = []
         self.record_steps = False
         self.last_step: Optional[StepRecord] = None
@@ -260,10 +266,10 @@ class AVTask(LightningModule):
         loss = torch.stack(list(losses.values())).sum()
         self.log(f"{split}/loss", loss, batch_size=batch_size(batch), sync_dist=True)
         self.update_metric(self.metrics[f"{split}_metric"], outputs, batch)
-        if self.unimodal_heads is not None:  # how well each auxiliary head does on its own
-            for modality, out in self.unimodal_outputs(feats, batch, mode="aux").items():
-                correct = self.sample_correct(out, batch).float().mean()
-                self.log(f"{split}/aux_{modality}_correct", correct, batch_size=batch_size(batch), sync_dist=True)
+        if self.unimodal.eval_correctness:  # how well each modality does alone (diagnostic, not the task metric)
+            uni = self.unimodal_outputs(feats, batch)
+            self.metrics[f"{split}_unimodal"].update(batch[INDEX], *(self.sample_correct(uni[m], batch).detach()
+                                                                     for m in MODALITIES))
         return outputs
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -273,11 +279,14 @@ class AVTask(LightningModule):
         self._eval_step(batch, "test")
 
     def _log_metric(self, split: str) -> None:
-        metric = self.metrics[f"{split}_metric"]
-        values = metric.compute()
-        metric.reset()
-        for name, value in values.items():
-            self.log(f"{split}/{name}", value, prog_bar=name == self.monitor.split("/")[-1], sync_dist=False)
+        for key in (f"{split}_metric", f"{split}_unimodal"):
+            if key not in self.metrics:
+                continue
+            metric = self.metrics[key]
+            values = metric.compute()
+            metric.reset()
+            for name, value in values.items():
+                self.log(f"{split}/{name}", value, prog_bar=name == self.monitor.split("/")[-1], sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metric("val")
