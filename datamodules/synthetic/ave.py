@@ -124,9 +124,23 @@ def make_rows(
     return rows, splits
 
 
-def _format(row: tuple[str, str, int, int]) -> str:
+def format_row(row: tuple[str, str, int, int]) -> str:
     category, video_id, start, end = row
     return f"{category}&{video_id}&good&{start}&{end}\n"
+
+
+def write_lists(root: Path, rows: list[tuple[str, str, int, int]], splits: dict[str, list[int]],
+                rng: np.random.Generator, with_header: bool = True) -> None:
+    """``Annotations.txt`` (rows shuffled by ``rng``) and the three split files in its order (official layout)."""
+    order = rng.permutation(len(rows))
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    with open(root / "Annotations.txt", "w") as handle:
+        handle.write(AVE_HEADER + "\n" if with_header else "")
+        handle.writelines(format_row(rows[i]) for i in order)
+    for split, name in (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testSet.txt")):
+        with open(root / name, "w") as handle:
+            handle.writelines(format_row(rows[i]) for i in sorted(splits[split], key=lambda i: rank[i]))
 
 
 def write_ave_release(
@@ -164,16 +178,8 @@ def write_ave_release(
     root = Path(root)
     (root / "AVE").mkdir(parents=True, exist_ok=True)
     rows, splits = make_rows(num_train, num_val, num_test, num_categories, rng)
-    order = rng.permutation(len(rows))  # Annotations.txt order; split files keep it
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    with open(root / "Annotations.txt", "w") as handle:
-        handle.write(AVE_HEADER + "\n" if with_header else "")
-        handle.writelines(_format(rows[i]) for i in order)
-    for split, name in (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testSet.txt")):
-        with open(root / name, "w") as handle:
-            handle.writelines(_format(rows[i]) for i in sorted(splits[split], key=lambda i: rank[i]))
-    for video_id, segment_class in _clip_contents(rows).items():
+    write_lists(root, rows, splits, rng, with_header)
+    for video_id, segment_class in clip_contents(rows).items():
         frames, audio = render_clip(segment_class, rng, num_categories, size, fps, sample_rate)
         write_mp4(root / "AVE" / f"{video_id}.mp4", frames, fps, audio, sample_rate)
         if with_wav:
@@ -181,8 +187,8 @@ def write_ave_release(
     return root
 
 
-def _clip_contents(rows: list[tuple[str, str, int, int]]) -> dict[str, np.ndarray]:
-    """Per VideoID, the category shown/heard in each segment (-1 = background)."""
+def clip_contents(rows: list[tuple[str, str, int, int]]) -> dict[str, np.ndarray]:
+    """Per VideoID, the category shown/heard in each segment (-1 = background; a VideoID may carry two rows)."""
     index = {name: i for i, name in enumerate(AVE_CATEGORIES)}
     clips: dict[str, np.ndarray] = {}
     for category, video_id, start, end in rows:

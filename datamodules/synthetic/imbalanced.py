@@ -31,8 +31,17 @@ from typing import Any, Literal
 import numpy as np
 
 from ._cli import add_release_args
-from ..ave import AVE_CATEGORIES, AVE_HEADER, NUM_SEGMENTS
-from .ave import EVENT_AMPLITUDE, NOISE_BACKGROUND, NOISE_EVENT, class_colour, make_rows, tone_frequency
+from ..ave import NUM_SEGMENTS
+from .ave import (
+    EVENT_AMPLITUDE,
+    NOISE_BACKGROUND,
+    NOISE_EVENT,
+    class_colour,
+    clip_contents,
+    make_rows,
+    tone_frequency,
+    write_lists,
+)
 from .media import write_mp4, write_wav
 
 Modality = Literal["audio", "visual"]
@@ -138,9 +147,9 @@ def write_imbalanced_ave_release(
     root = Path(root)
     (root / "AVE").mkdir(parents=True, exist_ok=True)
     rows, splits = make_rows(num_train, num_val, num_test, num_categories, rng)
-    _write_lists(root, rows, splits, rng)
+    write_lists(root, rows, splits, rng)
     flags = []
-    for video_id, segment_class in _clip_contents(rows).items():
+    for video_id, segment_class in clip_contents(rows).items():
         blank = bool(rng.random() < blank_fraction)
         reliable = bool(rng.random() < weak_reliability)
         strong_classes = np.full_like(segment_class, -1) if blank else segment_class
@@ -160,35 +169,6 @@ def write_imbalanced_ave_release(
                      f"weak_contrast={weak_contrast}\nvideo_id,dominant_blank,weak_reliable\n")
         handle.writelines(flags)
     return root
-
-
-def _write_lists(root: Path, rows: list[tuple[str, str, int, int]], splits: dict[str, list[int]],
-                 rng: np.random.Generator) -> None:
-    """``Annotations.txt`` (shuffled, with header) and the three split files in its order (official layout)."""
-    order = rng.permutation(len(rows))
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    with open(root / "Annotations.txt", "w") as handle:
-        handle.write(AVE_HEADER + "\n")
-        handle.writelines(_format(rows[i]) for i in order)
-    for split, name in (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testSet.txt")):
-        with open(root / name, "w") as handle:
-            handle.writelines(_format(rows[i]) for i in sorted(splits[split], key=lambda i: rank[i]))
-
-
-def _format(row: tuple[str, str, int, int]) -> str:
-    category, video_id, start, end = row
-    return f"{category}&{video_id}&good&{start}&{end}\n"
-
-
-def _clip_contents(rows: list[tuple[str, str, int, int]]) -> dict[str, np.ndarray]:
-    """Per VideoID, the category of each segment (-1 = background); a VideoID may carry two rows."""
-    index = {name: i for i, name in enumerate(AVE_CATEGORIES)}
-    clips: dict[str, np.ndarray] = {}
-    for category, video_id, start, end in rows:
-        seg = clips.setdefault(video_id, np.full(NUM_SEGMENTS, -1, dtype=np.int64))
-        seg[start:end] = index[category]
-    return clips
 
 
 def add_imbalanced_parser(sub: Any) -> None:
