@@ -11,7 +11,6 @@ parameters so that tests (and users chasing a divergence) can check that replica
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +20,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+
+from avmoe.files import write_json_atomic
 
 
 def is_distributed() -> bool:
@@ -139,13 +140,9 @@ class ParameterChecksum(Callback):
         if plan is not None:
             digest["train_plan_sha256"] = _plan_digest(plan)
         self.history[trainer.global_step] = digest
-        folder = self._folder(trainer)
-        folder.mkdir(parents=True, exist_ok=True)
         payload = {"rank": trainer.global_rank, "world_size": trainer.world_size,
                    "steps": {str(k): v for k, v in sorted(self.history.items())}}
-        tmp = folder / f".rank{trainer.global_rank}.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, folder / f"rank{trainer.global_rank}.json")
+        write_json_atomic(self._folder(trainer) / f"rank{trainer.global_rank}.json", payload)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         step = trainer.global_step

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback
+
+from avmoe.files import write_json_atomic
 
 
 class MetricsJSON(Callback):
@@ -27,10 +27,7 @@ class MetricsJSON(Callback):
         if not metrics:
             return
         payload = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics}
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        tmp = self.dirpath / f".{split}.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-        os.replace(tmp, self.dirpath / f"{split}.json")
+        write_json_atomic(self.dirpath / f"{split}.json", payload, sort_keys=True)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:

@@ -35,7 +35,8 @@ from avmoe.metrics.unimodal import UnimodalCorrectness
 from avmoe.models.avmoe import AVMoEBackbone
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.outputs import BackboneOutput
-from avmoe.tasks.predictions import gather_records, write_json
+from avmoe.files import write_json_atomic
+from avmoe.tasks.predictions import gather_records
 
 Batch = dict[str, Any]
 Outputs = dict[str, Tensor]
@@ -325,7 +326,7 @@ class AVTask(LightningModule):
         """Gather every rank's records (padding removed by index) and write the file once, on rank zero."""
         records = gather_records(self._prediction_records, self.trainer.world_size)
         if records and self.trainer.is_global_zero:
-            write_json(self.prediction_path(), self.prediction_payload(records))
+            write_json_atomic(self.prediction_path(), self.prediction_payload(records), indent=1)
         self._prediction_records = []
 
     # ---- optimisation -----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ reader never sees half a file).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,6 @@ def gather_records(records: list[dict[str, Any]], world_size: int) -> list[dict[
         records = [r for part in parts for r in part]
     unique = {r["index"]: r for r in reversed(records)}  # DDP padding repeats samples: keep one per index
     return [unique[i] for i in sorted(unique)]
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def write_mask_png(path: Path, mask: np.ndarray) -> None:
