@@ -48,6 +48,7 @@ from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig
 
 NEGATIVE_VIDEO = "negative_video"
 NEGATIVE_TOKENS = "negative_tokens"
+AUX_QUESTION = "aux_question_embedding"  # per-batch cache of the auxiliary heads' question embedding
 VOCAB_KEY = "avqa_vocab"
 
 
@@ -195,12 +196,20 @@ class AVQATask(AVTask):
                               "classifier": nn.Linear(d, head.classifier.out_features)})
 
     def unimodal_head_forward(self, modality: str, feats: BackboneOutput, batch: Batch) -> Outputs:
-        """The question embedding is the main head's, detached: auxiliary losses train the modality, not the
-        shared question encoder."""
-        head, aux = self._head(), self.unimodal_heads[modality]  # type: ignore[index]
-        q = head.question_encoder(batch["question_text"] if head.uses_text_model else batch["question"]).detach()
+        aux = self.unimodal_heads[modality]  # type: ignore[index]
         x = aux["proj"](getattr(feats, modality).mean(1))  # (B, d)
-        return {"answer_logits": aux["classifier"](torch.tanh(torch.tanh(x) * q))}
+        return {"answer_logits": aux["classifier"](torch.tanh(torch.tanh(x) * self.aux_question(batch)))}
+
+    def aux_question(self, batch: Batch) -> Tensor:
+        """The main head's question embedding without gradient (auxiliary losses train the modality, not the shared
+        question encoder), encoded once per batch for both auxiliary heads (a text model is not cheap)."""
+        encoder = self._head().question_encoder
+        cached = batch.get(AUX_QUESTION)
+        if cached is None or cached[0] is not encoder:  # keyed by the encoder: a batch may meet two models
+            with torch.no_grad():
+                text = batch["question_text"] if self._head().uses_text_model else batch["question"]
+                cached = batch[AUX_QUESTION] = (encoder, encoder(text))  # (B, d)
+        return cached[1]
 
     def unimodal_sample_loss(self, modality: str, outputs: Outputs, batch: Batch) -> Tensor:
         return F.cross_entropy(outputs["answer_logits"].float(), batch["answer"], reduction="none")
