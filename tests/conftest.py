@@ -12,6 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests import helpers  # noqa: E402
+
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
@@ -28,6 +30,13 @@ def _restore_default_dtype():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture
+def one_thread():
+    """Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")`` (see :func:`tests.helpers.one_thread`)."""
+    with helpers.one_thread():
+        yield
 
 
 @pytest.fixture

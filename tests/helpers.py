@@ -5,13 +5,28 @@ from __future__ import annotations
 import importlib
 import os
 import signal as signal_module
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import torch
 
 from lightning.pytorch import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "lightning_configs"
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, restored after: tiny models gain nothing from a second one, on a shared 2-core box two
+    spin against each other, and DDP ranks (OMP_NUM_THREADS=1) then add up reductions in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_fit_args(data_root: Path, run_root: Path, name: str = "t", epochs: int = 1, **overrides: object) -> list[str]:

@@ -22,18 +22,11 @@ from avmoe.tasks.avqa import VOCAB_KEY, AVQATask
 from avmoe.tasks.base import OptimConfig
 from tests.helpers import CONFIGS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ANSWERS = ["two", "yes", "no", "left", "violin"]
 WORDS = ["<pad>", "How", "many", "Is", "the", "violin", "Where"]
 TINY_HEAD = AVQAHeadConfig(word_dim=16, match_hidden=[32, 16, 8])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two BLAS threads on a shared 2-core box spin against each other (x100 slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_backbone():

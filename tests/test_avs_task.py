@@ -25,6 +25,8 @@ from avmoe.models.presets import paper_adapter, tiny_config
 from avmoe.tasks.avs import UNUSED_DECODER_PREFIX, AVSLossConfig, AVSTask, masked_av_loss, silence_db
 from tests.helpers import CONFIGS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_HEAD = AVSHeadConfig(channels=16, mask_size=64, audio_dim=16, temporal_d_model=16, temporal_heads=2,
                           temporal_ff_dim=32, temporal_layers=1, output_hidden=[16, 8])
 
@@ -32,15 +34,6 @@ TINY_HEAD = AVSHeadConfig(channels=16, mask_size=64, audio_dim=16, temporal_d_mo
 def run_cli(args: list[str]) -> None:
     with mock.patch("sys.argv", ["avmoe"]):
         cli_main(args)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core box they lose a lot (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from avmoe.models.heads.avvp import AVVPHeadConfig, MGNHead
 from avmoe.models.presets import paper_adapter, tiny_config
 from avmoe.tasks.avvp import AVVPLossConfig, AVVPTask, clamped_bce
 from avmoe.tasks.base import OptimConfig
-from tests.helpers import CONFIGS
+from tests.helpers import CONFIGS, one_thread
 
 TINY_HEAD = AVVPHeadConfig(dim=32, num_heads=4, depth_audio=1, depth_visual=1, depth_av=1, drop_path=0.0)
 
@@ -241,13 +241,8 @@ def test_fit_and_test_through_the_cli_learn_well_above_trivial(in_tmp):
         "--run.name=avvp", "--trainer.max_epochs=8", "--trainer.enable_progress_bar=false",
         "--model.init_args.backbone.adapter.enabled=false",
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core box one thread is several times faster than two
-    try:
-        with mock.patch("sys.argv", ["avmoe"]):
-            cli_main(args)
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread(), mock.patch("sys.argv", ["avmoe"]):
+        cli_main(args)
     result = json.loads((in_tmp / "runs" / "avvp" / "metrics" / "test.json").read_text())["metrics"]
     assert {f"test/{name}" for name in METRIC_NAMES} <= set(result)
     assert all(0.0 <= result[f"test/{name}"] <= 1.0 for name in METRIC_NAMES)

@@ -13,18 +13,9 @@ from avmoe.models import PAPER_CONFIGS, AVMoEBackbone, BackboneOutput, paper_ada
 from avmoe.models.backbones import htsat
 from avmoe.models.moe import load_balance_loss
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*RANDOM weights"), pytest.mark.usefixtures("one_thread")]
 
 B, T = 2, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to CPU oversubscription by parallel jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs(b: int = B, t: int = T, size: int = 64, mels: int = 32, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -14,10 +14,10 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -27,7 +27,7 @@ import yaml
 from avmoe.cli import cli_main
 from avmoe.datamodules import AVEDataModule, LogMelConfig
 from avmoe.datamodules.sampling import EpochSampler
-from tests.helpers import CONFIGS, REPO, TASK_CASES, task_config_problem, task_fit_args
+from tests.helpers import CONFIGS, REPO, TASK_CASES, one_thread, task_config_problem, task_fit_args
 
 AUDIO = LogMelConfig(sample_rate=16000, n_fft=512, hop_length=160, n_mels=32, fmax=8000.0)
 
@@ -115,17 +115,6 @@ def test_trainer_presets_parse(preset):
 def run_cli(args: list[str]) -> None:
     with mock.patch("sys.argv", ["avmoe"]):
         cli_main(args)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Intra-op threads as in the DDP ranks (OMP_NUM_THREADS=1): reductions then add up in the same order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def metrics(folder: Path, split: str) -> dict[str, float]:

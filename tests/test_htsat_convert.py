@@ -19,19 +19,12 @@ from avmoe.models.backbones import htsat
 from avmoe.models.backbones.convert_htsat import convert_htsat_state_dict, load_htsat_checkpoint
 from avmoe.models.config import AudioEncoderConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = AudioEncoderConfig(
     num_mel_bins=32, spec_size=128, patch_size=4, hidden_size=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
     window_size=4,
 )  # grids 32/16/8/4: shifted windows with masks in stages 0-2, window == grid (no shift) in stage 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to CPU oversubscription by parallel jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------- reference HTS-AT

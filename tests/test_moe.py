@@ -20,16 +20,9 @@ from avmoe.models.moe import (
     load_balance_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 M, N, C, N2, C2 = 6, 10, 16, 7, 24  # frames, tokens/width of x, tokens/width of the other modality
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to CPU oversubscription by parallel jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------ official layout, written from the paper code
