@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.avmoe-installed
 DEMO_DATA ?= data/demo_ave
 PYTEST_ARGS ?=
+# Test worker processes (pytest-xdist); `make test PYTEST_WORKERS=0` runs serially in one process.
+PYTEST_WORKERS ?= 2
 # One intra-op thread per process: on a 2-core box the DataLoader workers (or the second DDP rank) need the other
 # core, and tiny models gain nothing from threads (2 threads made the demo ~10x slower through oversubscription).
 export OMP_NUM_THREADS ?= 1
@@ -25,10 +27,10 @@ demo: install  ## write the synthetic AVE release (if absent), train a tiny AVMo
 	$(VENV)/bin/lightning fit --config lightning_configs/demo.yaml --data.init_args.root $(DEMO_DATA)
 
 test: install  ## the whole suite (CPU; slow and 2-process DDP tests included)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: install  ## the suite without slow / DDP tests
-	$(PY) -m pytest -m "not slow and not ddp" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow and not ddp" $(PYTEST_ARGS)
 
 clean:  ## remove runs, demo data and caches (keeps the venv)
 	rm -rf runs data/demo_ave .pytest_cache
