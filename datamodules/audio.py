@@ -1,6 +1,6 @@
 """Audio front end: per-segment log-mel spectrograms computed in the DataLoader worker.
 
-Matches the HTS-AT front end of AVMoE (``reference/avmoe.md`` 2.2: torchlibrosa ``Spectrogram`` +
+Matches the HTS-AT front end of AVMoE (yingchengy/AVMOE ``AVMOE/AVE/nets/net_trans_v3.py``: torchlibrosa ``Spectrogram`` +
 ``LogmelFilterBank``), which uses librosa's Slaney mel filters, a periodic Hann window, centred
 frames with reflect padding, power 2 and ``10 log10(max(S, amin))`` with ref 1.0, amin 1e-10 and no
 top_db clipping. Each segment is transformed on its own, as AVMoE feeds ``wave.view(B*T, 32000)``.

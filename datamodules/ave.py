@@ -1,6 +1,6 @@
 """AVE (Audio-Visual Event localisation, YapengTian/AVE-ECCV18) from the official release.
 
-Layout under ``root`` (``reference/datasets.md`` section 4)::
+Layout under ``root`` (YapengTian/AVE-ECCV18 release)::
 
     Annotations.txt               Category&VideoID&Quality&StartTime&EndTime, with or without header
     trainSet.txt valSet.txt testSet.txt   same 5 fields, no header

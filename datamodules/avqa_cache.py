@@ -1,4 +1,4 @@
-"""On-disk cache of the sampled frames and log-mel of each MUSIC-AVQA video (``reference/datasets.md`` 8).
+"""On-disk cache of the sampled frames and log-mel of each MUSIC-AVQA video.
 
 MUSIC-AVQA splits are by question: a video carries about five questions and appears in several splits, and the
 clips are 60 s long, so decoding per question and epoch multiplies the dominant cost. The cache stores, per

@@ -1,6 +1,6 @@
 """AVSBench-object (OpenNLPLab/AVSBench): audio-visual segmentation, S4 (single source) and MS3 (multi-source).
 
-Layouts under ``root`` (``reference/datasets.md`` section 3.1)::
+Layouts under ``root`` (OpenNLPLab/AVSBench release)::
 
     S4:  s4_meta_data.csv                 columns by position: 0 video_name, 1 start_time, 2 category, 3 split
          s4_data/visual_frames/<split>/<category>/<video>/<video>_<1..5>.png

@@ -1,6 +1,6 @@
 """Shared DataModule and Dataset machinery for the four audio-visual tasks.
 
-Conventions (``reference/datasets.md`` section 8): annotation files are read in ``setup`` on every
+Conventions: annotation files are read in ``setup`` on every
 process; decoders are opened inside ``__getitem__``; per-sample metadata lives in numpy arrays /
 pandas columns (a list of dicts in the Dataset grows worker memory through copy-on-read refcounts,
 pytorch/pytorch#13246); workers are seeded with Lightning's ``pl_worker_init_function`` (per worker and rank).

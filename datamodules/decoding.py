@@ -1,6 +1,6 @@
 """Video-frame and audio decoding behind one small interface.
 
-Backends (``reference/datasets.md`` section 7):
+Backends:
 
 * ``decord`` (x86_64 only, bundles FFmpeg 4.1): fast frame access by index; cannot open AV1. A
   ``VideoReader`` is opened per call and dropped before returning, never shared across processes

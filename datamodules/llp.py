@@ -1,6 +1,6 @@
 """LLP (Look, Listen and Parse; YapengTian/AVVP-ECCV20) for audio-visual video parsing, from the official release.
 
-Layout under ``root`` (the release's ``data/`` folder; ``reference/datasets.md`` 2.1), every CSV TAB-separated
+Layout under ``root`` (the release's ``data/`` folder; YapengTian/AVVP-ECCV20), every CSV TAB-separated
 with a header row::
 
     AVVP_train.csv AVVP_val_pd.csv AVVP_test_pd.csv   filename  event_labels   (weak labels, ','-joined)
@@ -12,7 +12,7 @@ One sample = one row of the split CSV. Every sample has the weak video-level ``l
 samples also have the dense ``gt_audio`` / ``gt_visual`` (25, 10) built exactly as the official evaluation:
 ``gt[class, onset:offset] = 1`` for every eval row whose ``filename`` equals the sample's (exact match).
 
-Release quirks (all **[measured]** in ``reference/datasets.md`` 2.1) are kept as the official evaluation
+Release quirks (all measured on the released CSVs) are kept as the official evaluation
 treats them, counted in :attr:`LLPDataModule.quirks` and warned about once (with file:line examples):
 
 - ``orphan_rows``: eval rows whose filename is in neither val nor test (mangled IDs): ignored;

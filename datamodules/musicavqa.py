@@ -1,6 +1,6 @@
 """MUSIC-AVQA (GeWu-Lab/MUSIC-AVQA) question answering from the official release.
 
-Layout (``reference/datasets.md`` section 1)::
+Layout (GeWu-Lab/MUSIC-AVQA release)::
 
     <root>/json/avqa-{train,val,test}.json          original annotations
     <root>/json_update/avqa-{train,val,test}.json   corrected annotations (the default; ``annotations``)

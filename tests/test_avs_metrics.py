@@ -46,7 +46,7 @@ def official_f_measure(pred: torch.Tensor, gt: torch.Tensor, pr_num: int = 255) 
 
 
 def reference_case() -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference/datasets.md`` 3.2: 3 frames 4x4."""
+    """Hand-checked: 3 frames 4x4."""
     logits, gt = torch.full((3, 4, 4), -4.0), torch.zeros(3, 4, 4)
     gt[0, :2, :2] = 1  # top-left 2x2
     gt[1, :, :2] = 1  # columns 0-1; frame 2 empty

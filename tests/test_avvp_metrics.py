@@ -14,7 +14,7 @@ C, T = 25, 10
 
 
 def case_a() -> tuple[np.ndarray, ...]:
-    """``reference/datasets.md`` 2.2, case A (everything else zero)."""
+    """Hand-checked case A (everything else zero)."""
     gt_a, gt_v, so_a, so_v = (np.zeros((C, T)) for _ in range(4))
     gt_a[0, 0:4] = 1
     gt_a[3, 6:10] = 1

@@ -1,6 +1,6 @@
 """Balancing callbacks: OGM-GE / OGM, OPM, sample-level modality valuation (single process).
 
-Formulas against ``reference/balance.md`` (the 3.1 coefficient table, OPM's q, the 2-player Shapley values and
+Formulas against the authors' code (GeWu-Lab OGM-GE_CVPR2022, BML_TPAMI2024, Valuate-And-Enhance) (the 3.1 coefficient table, OPM's q, the 2-player Shapley values and
 the re-sampling bands), then real Lightning fits of the tiny AVMoE on a generated imbalanced AVE release:
 gradient edits, accumulation invariance, non-finite skipping, OPM's feature drop, valuation + re-sampling, and
 exact continuation from a checkpoint. Multi-process checks live in ``test_callbacks_ddp.py``.
@@ -115,7 +115,7 @@ class StepLog(Callback):
 
 
 # ------------------------------------------------------------------------------------------------ formulas
-TABLE = [  # reference/balance.md 3.1: alpha, 1 - tanh(alpha * rho) at rho -> 1+ and at rho = 2
+TABLE = [  # from OGM-GE_CVPR2022 main.py's coefficient: alpha, 1 - tanh(alpha * rho) at rho -> 1+ and at rho = 2
     (0.1, 0.90, 0.80), (0.3, 0.71, 0.46), (0.5, 0.54, 0.24), (0.8, 0.34, 0.08), (1.0, 0.24, 0.04), (2.6, 0.011, 0.0),
 ]
 

@@ -1,4 +1,4 @@
-"""A small synthetic AVE release in the exact official layout (``reference/datasets.md`` section 4).
+"""A small synthetic AVE release in the exact official layout (YapengTian/AVE-ECCV18).
 
 Every event category ``k`` can be recovered from the sound (a pure tone, ``440 * 2**(5k/12)`` Hz,
 i.e. fourths upwards, compressed geometrically below 0.4 x sample rate when there are many

@@ -1,4 +1,4 @@
-"""A small synthetic LLP release in the exact official layout (``reference/datasets.md`` 2.1).
+"""A small synthetic LLP release in the exact official layout (YapengTian/AVVP-ECCV20).
 
 Each clip holds events of 1 or 2 classes (the first ``num_categories`` LLP classes). An event is audio-visual,
 audio-only or visual-only; each modality is present on one or two runs of segments, so events start and stop

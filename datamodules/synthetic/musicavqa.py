@@ -1,4 +1,4 @@
-"""A small synthetic MUSIC-AVQA release in the official layout (``reference/datasets.md`` section 1).
+"""A small synthetic MUSIC-AVQA release in the official layout (GeWu-Lab/MUSIC-AVQA).
 
 Each video is a scene of one instrument (in the middle) or two (left and right). An instrument is seen as a solid
 coloured band (its hue) and heard as a pure tone (its frequency); which instruments sound, when (the whole clip,

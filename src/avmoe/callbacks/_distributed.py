@@ -1,4 +1,4 @@
-"""Collectives and rank-identical randomness for the balancing callbacks (``reference/balance.md`` 2.4).
+"""Collectives and rank-identical randomness for the balancing callbacks.
 
 DDP averages gradients during backward and never re-broadcasts parameters, so anything that edits ``.grad``
 afterwards must compute the same function on every rank: statistics are all-reduced (or gathered) before use,

@@ -1,6 +1,6 @@
 """OGM-GE (CVPR 2022) and the journal OGM (TPAMI 2024): on-the-fly gradient modulation.
 
-Facts: ``reference/balance.md`` sections 3 and 4.3.
+Sources: GeWu-Lab/OGM-GE_CVPR2022 ``main.py`` (``train_epoch``) and GeWu-Lab/BML_TPAMI2024 ``code/main.py`` (journal OGM).
 
 Per optimizer step: the uni-modal scores ``s_u`` (batch sums of each modality's per-sample score from the task's
 uni-modal predictions: the other modality's features zeroed before the head, or the auxiliary heads with
@@ -8,7 +8,7 @@ uni-modal predictions: the other modality's features zeroed before the head, or 
 ``rho_a = 1 / rho_v``; the dominant modality's gradients are scaled by ``k = 1 - tanh(alpha * rho)`` and, for
 OGM-GE, Gaussian noise with the per-tensor std of the *unmodulated* gradient is added to both modalities.
 
-Where it acts (``reference/ecosystem.md`` 3): the scores of each micro-batch are computed in
+Where it acts (Lightning's hook order): the scores of each micro-batch are computed in
 ``on_after_backward`` from :attr:`AVTask.last_step` (``on_train_batch_end`` would be too late: it runs after the
 optimizer step) and accumulated; ``on_before_optimizer_step`` all-reduces ``[s_a, s_v, n, non-finite]`` over the
 DDP ranks and edits the accumulated, unscaled, already-averaged gradients once per optimizer step. The noise

@@ -1,4 +1,4 @@
-"""OPM: on-the-fly prediction modulation (TPAMI 2024, ``reference/balance.md`` 4.2 and 4.5).
+"""OPM: on-the-fly prediction modulation (TPAMI 2024, "On-the-fly Modulation for Balanced Multimodal Learning"; GeWu-Lab/BML_TPAMI2024 ``code/models/Classifier.py``).
 
 In every training forward, the dominant modality's features are dropped per sample with probability
 ``q_u = q_base * (1 + lam * tanh(relu(rho_u - 1)))`` (0 for the other modality, clipped to [0, 1]); the drop runs

@@ -1,4 +1,4 @@
-"""Sample-level modality valuation and re-sampling (CVPR 2024, ``reference/balance.md`` 7).
+"""Sample-level modality valuation and re-sampling (CVPR 2024, GeWu-Lab/Valuate-And-Enhance-Multimodal-Cooperation ``code/sample_level.py``, ``code/modality_level.py``).
 
 At the end of every training epoch the whole train split is valued with the model in eval mode: for each
 sample, the head is run on both modalities, on audio alone and on visual alone (the missing modality's

@@ -1,6 +1,6 @@
 """MUSIC-AVQA: the official accuracy per question type, per modality group and overall.
 
-Official evaluation (GeWu-Lab/MUSIC-AVQA ``net_grd_avst/main_avst.py::test``; ``reference/datasets.md`` 1.5): one
+Official evaluation (GeWu-Lab/MUSIC-AVQA ``net_grd_avst/main_avst.py::test``): one
 question at a time, ``predicted = argmax(logits)``, correct iff ``predicted == label``. Every reported number is a
 **micro** mean over questions: a type's accuracy is correct/total over its questions, a modality group's
 (Audio, Visual, Audio-Visual) is correct/total over all questions of its types (not the mean of the type

@@ -1,6 +1,6 @@
 """AVSBench segmentation metrics: the official Jaccard index M_J and F-measure M_F.
 
-Plain functions (``reference/datasets.md`` 3.2, OpenNLPLab/AVSBench ``avs_scripts/avs_s4/utils/utility.py``),
+Plain functions (OpenNLPLab/AVSBench ``avs_scripts/avs_s4/utils/utility.py``),
 with the official *per-call* semantics on mask logits and binary targets of shape (N, H, W):
 
 - :func:`avs_mask_iou` (``mask_iou``): pixels with ``sigmoid(logit) > 0.5`` (strict) are foreground; per frame

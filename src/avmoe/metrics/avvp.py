@@ -1,7 +1,7 @@
 """AVVP (audio-visual video parsing on LLP): the official segment- and event-level F-scores.
 
 Algorithm of YapengTian/AVVP-ECCV20 ``utils/eval_metrics.py`` and ``main_avvp.py::eval``
-(``reference/datasets.md`` 2.2), vectorised over classes and videos:
+(YapengTian/AVVP-ECCV20 ``main_avvp.py::eval`` and ``utils/eval_metrics.py``), vectorised over classes and videos:
 
 - per class c, counts TP/FP/FN; a class is *active* when ``TP + FP > 0`` or ``TP + FN > 0``; a video's F is the
   mean of ``2TP / (2TP + FP + FN)`` over its active classes, and **1.0 when no class is active**;

@@ -1,4 +1,4 @@
-"""AVMoEBackbone: frozen Swin-V2 and HTS-AT stepped in lockstep with MoE adapters (``reference/avmoe.md`` 2.3).
+"""AVMoEBackbone: frozen Swin-V2 and HTS-AT stepped in lockstep with MoE adapters (yingchengy/AVMOE ``AVMOE/AVE/nets/net_trans_v3.py`` ``MMIL_Net.forward_swin``).
 
 Per stage s, with Lv visual and La audio blocks (Lv % La == 0, r = Lv // La), audio block k is paired with visual
 block r*k + r - 1 (3k+2 for 18/6, j<->j for equal counts); unpaired visual blocks run whole. A paired block with

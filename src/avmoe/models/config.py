@@ -3,7 +3,7 @@
 These dataclasses are the config schema: LightningCLI/jsonargparse reads their fields (and the attribute
 docstrings) for ``--help`` and YAML, and they are stored in checkpoints as plain hyper-parameters.
 Defaults are paper scale (Swin-V2-L/12 @192 + HTS-AT tiny, the official AVE adapter configuration);
-every official per-task variant in ``reference/avmoe.md`` 3.6 is a set of field values, not a code fork.
+every official per-task variant (the run scripts of yingchengy/AVMOE, collected in :mod:`avmoe.models.presets`) is a set of field values, not a code fork.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class AudioEncoderConfig:
 
 @dataclass
 class AdapterConfig:
-    """MoE adapters inserted between the two encoders (``reference/avmoe.md`` section 3)."""
+    """MoE adapters inserted between the two encoders (AVMoE paper, section 3; yingchengy/AVMOE ``AVMOE/AVE/nets/net_trans_v3.py`` ``MoEAdapter``)."""
 
     enabled: bool = True
     """False: no adapters at all (the stepped backbone then equals the two library forwards)."""

@@ -1,4 +1,4 @@
-"""Training-time audio mixup of the official AVVP / AVS / AVQA recipes (``reference/avmoe.md`` 5).
+"""Training-time audio mixup of the official AVVP / AVS / AVQA recipes (yingchengy/AVMOE ``utils.py::do_mixup``).
 
 The official code draws ``lam ~ Beta(0.5, 0.5)`` per item and mixes the HTS-AT input with the batch-reversed
 input (``utils.py::do_mixup``) inside the encoder, i.e. over the flattened (B*T) batch of 1-s segments; labels

@@ -1,4 +1,4 @@
-"""The AVMoE adapter: token mapping, router, cross-modal and unimodal experts (``reference/avmoe.md`` 3.2-3.5).
+"""The AVMoE adapter: token mapping, router, cross-modal and unimodal experts (AVMoE paper, section 3; yingchengy/AVMOE ``AVMOE/AVE/nets/net_trans_v3.py`` ``ExpertAdapter`` / ``MoEAdapter``).
 
 All tensors are channel-last: x (M, N, C) is the target modality (M = B*T frames, N tokens, width C), ``other``
 (M, N', C') the other modality. The official code holds them as (M, C, N, 1) for Conv2d; every 1x1 convolution

@@ -1,6 +1,6 @@
 """Ready-made configurations: the official per-task adapter settings and a CPU-fast tiny backbone.
 
-``PAPER_CONFIGS[task]`` is the adapter configuration of the released run script (``reference/avmoe.md`` 3.6;
+``PAPER_CONFIGS[task]`` is the adapter configuration of the released run script (yingchengy/AVMOE ``train.sh`` / ``train_v2.sh`` per task;
 load-balance weights as scripted, see :func:`avmoe.models.moe.load_balance_loss` for the official loss's E-fold scale);
 ``paper_config(task)`` is the full paper-scale :class:`AVMoEConfig` for it; ``tiny_config(**overrides)`` is a
 small backbone for tests and demos (a forward of B=2, T=10 takes a fraction of a second on a CPU).

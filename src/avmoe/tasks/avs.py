@@ -1,6 +1,6 @@
 """AVS: audio-visual segmentation on AVSBench S4 / MS3 (pixel masks of the sounding objects, 5 frames per clip).
 
-Losses (``reference/avmoe.md`` 4.3, AVSBench ``avs_{s4,ms3}/loss.py``):
+Losses (OpenNLPLab/AVSBench ``avs_scripts/avs_{s4,ms3}/loss.py``, as used by yingchengy/AVMOE ``AVMOE/AVS``):
 
 - ``loss_bce``: binary cross-entropy on the logits of the *annotated* frames (``mask_valid``), averaged over
   their pixels. S4 training clips are annotated on frame 1 only, so this is the official S4 loss

@@ -1,5 +1,5 @@
 """AVVP audio-visual video parsing on LLP: which of 25 events are heard and which are seen, in which 1-s segments,
-learned from weak video-level labels (``reference/avmoe.md`` 4.2)."""
+learned from weak video-level labels (yingchengy/AVMOE ``AVMOE/AVVP/main.py`` + ``nets/mgn.py``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Convert the original HTS-AT AudioSet checkpoint (``sed_model.*`` keys) into the ``ClapAudioModel`` layout.
 
-Key mapping (``reference/avmoe.md`` 7.2), original -> ``audio_encoder.``-prefixed ClapAudioModel key:
+Key mapping (RetroCirce/HTS-Audio-Transformer ``model/htsat.py`` names), original -> ``audio_encoder.``-prefixed ClapAudioModel key:
 
 - ``bn0.*`` -> ``batch_norm.*``; ``patch_embed.{proj,norm}.*`` and ``norm.*`` keep their names;
 - ``layers.s.blocks.j.norm1`` -> ``layernorm_before``; ``norm2`` -> ``layernorm_after``;

@@ -1,7 +1,7 @@
 """Frozen HTS-AT audio encoder: the audio tower of ``transformers.ClapAudioModel``, stepped stage by stage.
 
 HTS-AT blocks run atomically (the official AVMoE code never splits them). ``ClapAudioLayer.forward`` mutates its
-``window_size``/``shift_size`` when the grid is not larger than the window (``reference/avmoe.md`` 7.2); calling
+``window_size``/``shift_size`` when the grid is not larger than the window (transformers ``ClapAudioLayer.set_shift_and_window_size``); calling
 the layer exactly as ``ClapAudioStage`` does (``blk(x, hw)``, ``always_partition=False``) keeps the stepped
 path identical to the library forward.
 """

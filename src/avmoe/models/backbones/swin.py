@@ -2,7 +2,7 @@
 
 The library has no public entry point for "the attention half" of a ``Swinv2Layer``; :func:`attn_half` and
 :func:`mlp_half` re-run ``Swinv2Layer.forward`` split in two using the layer's own submodules, so that
-``mlp_half(layer, attn_half(layer, x, hw)) == layer(x, hw)[0]`` bit for bit (``reference/avmoe.md`` 7.1).
+``mlp_half(layer, attn_half(layer, x, hw)) == layer(x, hw)[0]`` bit for bit (tests/test_backbone.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AVE head: CMBS-style temporal attention + CMBS classifier (``reference/avmoe.md`` 4.1)."""
+"""AVE head: CMBS-style temporal attention + CMBS classifier (yingchengy/AVMOE ``AVMOE/AVE/nets/net_trans_v3.py``, after CMBS)."""
 
 from __future__ import annotations
 

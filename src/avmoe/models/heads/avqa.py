@@ -1,5 +1,5 @@
 """AVQA head: audio-guided visual grounding, question encoder, question-guided temporal attention, fusion and
-answer classifier, plus the audio-visual match MLP (``reference/avmoe.md`` 4.4; ST-AVQA / LAVisH / AVMoE
+answer classifier, plus the audio-visual match MLP (ST-AVQA / LAVisH / AVMoE
 ``net_avst_v2.py``).
 
 Widths follow the official model: everything runs at the width d of the final Swin tokens (1536 at paper scale);

@@ -1,5 +1,5 @@
 """AVS head: multi-scale Swin taps, temporal audio gating, TPAVI fusion and a DPT-style decoder
-(``reference/avmoe.md`` 4.3; official ``avs_{s4,ms3}/model/PVT_AVSModel_v2.py`` and AVSBench ``model/TPAVI.py``).
+(yingchengy/AVMOE, official ``avs_{s4,ms3}/model/PVT_AVSModel_v2.py`` and AVSBench ``model/TPAVI.py``).
 
 Pipeline for B clips of T frames (M = B*T):
 

@@ -1,5 +1,5 @@
 """AVVP head: the Multi-modal Grouping Network (MGN, Mo & Tian, NeurIPS 2022) as used by AVMoE
-(``reference/avmoe.md`` 4.2; AVMOE/AVVP ``nets/mgn.py`` + ``nets/grouping.py``).
+(yingchengy/AVMOE ``AVMOE/AVVP`` ``nets/mgn.py`` + ``nets/grouping.py``).
 
 Per clip of T one-second segments:
 

@@ -2,7 +2,7 @@
 
 An auxiliary head reads one modality's backbone features and predicts the task's targets on its own; each task
 maps these read-outs onto its own output keys, so that its ``sample_scores`` / ``sample_correct`` and a
-per-sample loss apply to them unchanged (the "separate uni-modal heads" pattern of MMPareto, ``balance.md`` 2.1).
+per-sample loss apply to them unchanged (the "separate uni-modal heads" pattern of MMPareto, GeWu-Lab/MMPareto_ICML2024 ``code/models/models.py``).
 """
 
 from __future__ import annotations
