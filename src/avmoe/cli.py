@@ -216,6 +216,11 @@ def init_weights(model: LightningModule, ckpt_path: str, strict: bool = True) ->
 def cli_main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning`` and ``avmoe`` console scripts."""
     argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and str(argv[0]) == "select":  # cold-start selection, own parser
+        from avmoe.select.command import select_main  # noqa: PLC0415
+
+        select_main([str(a) for a in argv[1:]])
+        return
     # Field docstrings of our config dataclasses become --help text (litgpt does the same). Parsing them reads
     # the source of every config class (about a second per start), so only when help is asked for.
     wants_help = isinstance(argv, (list, tuple)) and any(
