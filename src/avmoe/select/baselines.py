@@ -212,8 +212,8 @@ def purity_radius(features: np.ndarray, num_classes: int, alpha: float = 0.95, s
     """ProbCover's delta: the largest candidate radius whose purity is at least ``alpha``.
 
     Purity(delta) = the fraction of points whose delta-ball holds only points of their own k-means pseudo-label
-    (k = ``num_classes``). Candidates default to 40 radii between the 1st and 50th percentile of the pairwise
-    distances. Raises ValueError when no candidate reaches ``alpha``.
+    (k = ``num_classes``). Candidates default to 40 radii, geometrically spaced from half the closest pair's
+    distance to the median pairwise distance. Raises ValueError when no candidate reaches ``alpha``.
     """
     feats = np.asarray(features, dtype=np.float32)
     labels = KMeans(n_clusters=num_classes, n_init=1, random_state=seed).fit_predict(feats)
@@ -221,8 +221,9 @@ def purity_radius(features: np.ndarray, num_classes: int, alpha: float = 0.95, s
     d = torch.cdist(x, x)
     if candidates is None:
         off = d[~torch.eye(len(x), dtype=torch.bool)]
-        lo, hi = torch.quantile(off, 0.01).item(), torch.quantile(off, 0.5).item()
-        candidates = np.linspace(lo, hi, 40).tolist()
+        hi = torch.quantile(off, 0.5).item()
+        lo = max(0.5 * off.min().item(), 1e-3 * hi)  # below the closest pair every ball is pure
+        candidates = np.geomspace(lo, hi, 40).tolist()
     lab = torch.from_numpy(labels)
     same = lab[:, None] == lab[None]
     best: Optional[float] = None

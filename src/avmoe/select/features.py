@@ -26,13 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from avmoe.datamodules.batch import AUDIO_MASK, VISUAL_MASK, collate
 from avmoe.datamodules.sampling import SeededItems
 
+from .gather import gather_batches, rank_batches, world
+
 POOL_FILE = "pool.pt"
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _save(path: Path, payload: dict) -> None:
@@ -80,15 +76,15 @@ def embed_pool(backbone: nn.Module, dataset: Dataset, positions: np.ndarray, ids
         cached = torch.load(pool_path, weights_only=True)
         if list(cached["ids"]) == ids:
             return cached["audio"].numpy(), cached["visual"].numpy()
-    world, rank = _world()
-    shard_path = cache_dir / f"shard{rank}of{world}.pt"
+    world_size, rank = world()
+    shard_path = cache_dir / f"shard{rank}of{world_size}.pt"
     done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch number -> (audio, visual)
     if shard_path.is_file():
         shard = torch.load(shard_path, weights_only=True)
         if list(shard["ids"]) == ids and shard["batch_size"] == batch_size:
             done = {int(k): (a, v) for k, a, v in zip(shard["batches"], shard["audio"], shard["visual"])}
     n_batches = (len(ids) + batch_size - 1) // batch_size
-    todo = [k for k in range(rank, n_batches, world) if k not in done]
+    todo = [k for k in rank_batches(n_batches, rank, world_size) if k not in done]
 
     def flush() -> None:
         keys = sorted(done)
@@ -110,17 +106,10 @@ def embed_pool(backbone: nn.Module, dataset: Dataset, positions: np.ndarray, ids
             if (step + 1) % flush_every == 0:
                 flush()
         flush()
-    mine = {k: done[k] for k in range(rank, n_batches, world)}
-    if world > 1:
-        parts: list = [None] * world
-        dist.all_gather_object(parts, mine)
-        for part in parts:
-            mine.update(part)
-    audio = torch.cat([mine[k][0] for k in range(n_batches)])
-    visual = torch.cat([mine[k][1] for k in range(n_batches)])
+    audio, visual = gather_batches({k: done[k] for k in rank_batches(n_batches, rank, world_size)}, n_batches)
     if rank == 0:
         _save(pool_path, {"ids": ids, "audio": audio, "visual": visual})
-    if world > 1:
+    if world_size > 1:
         dist.barrier()
     return audio.numpy(), visual.numpy()
 

@@ -5,7 +5,7 @@ Pool units (what is selected), in the order of the DataModule's train Dataset (a
 - AVE: a row of ``trainSet.txt`` (``Category&VideoID&Quality&StartTime&EndTime``), ID = ``VideoID``
   (+ ``#k`` when a VideoID repeats);
 - LLP: a row of ``AVVP_train.csv`` (TAB-separated, header), ID = ``filename``;
-- AVSBench: a ``train`` row of ``s4_meta_data.csv`` / ``ms3_meta_data.csv``, ID = ``video_name``;
+- AVSBench: a ``train`` row of ``s4_meta_data.csv`` / ``ms3_meta_data.csv``, ID = the video name (column 0);
 - MUSIC-AVQA: a *video* of ``<annotations>/avqa-train.json`` (the questions of a video share its frames and
   sound), represented by its first question; selecting it keeps all its train questions.
 
@@ -78,7 +78,7 @@ def build_pool(dm: AVDataModule) -> Pool:
         table = read_avsbench_csv(path, dm.setting)
         train = table[table["split"] == "train"]
         sub = train.iloc[:size]
-        return Pool(_unique_ids(sub["video_name"].tolist()), np.arange(size), path, sub["line"].to_numpy(),
+        return Pool(_unique_ids(sub["video_id"].tolist()), np.arange(size), path, sub["line"].to_numpy(),
                     train["line"].to_numpy())
     if isinstance(dm, MusicAVQADataModule):
         path = dm.split_path("train")
