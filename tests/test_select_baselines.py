@@ -130,3 +130,13 @@ def test_prototypes_shrink_the_modality_gap_on_a_synthetic_pool():
         assert log[0]["epoch"] == -1 and gaps[weight] == pytest.approx(log[-1]["gap"], abs=1e-6)
         assert gaps[weight] < log[0]["gap"]
     assert gaps[1.0] < gaps[0.0] - 0.05  # measured 0.76 vs 0.92
+
+
+def test_bench_runs_at_smoke_scale():
+    from bench import active_learning
+
+    out = active_learning.main(["--seeds", "0", "--pool", "120", "--test", "100", "--classes", "4", "--budgets", "4",
+                                "8", "--stage1-epochs", "2", "--variants", "random", "mmcsal", "--no-write"])
+    assert set(out["acc"]) == {(v, b) for v in ("random", "mmcsal") for b in (4, 8)}
+    assert all(0 <= r["acc"] <= 1 for rows in out["acc"].values() for r in rows)
+    assert out["gap"][0]["before"] > 0

@@ -55,6 +55,14 @@ def test_select_writes_nested_ave_subsets_that_train_configs_read(ave_release, t
     assert len(json.loads((run / "selection.json").read_text())["order"]) == 3
 
 
+@pytest.mark.parametrize("config", sorted((CONFIGS / "select").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_select_config_parses(config):
+    from avmoe.select.command import build_parser
+
+    cfg = build_parser().parse_args(["--config", str(config), "--data.init_args.root=unused"])
+    assert cfg.select.strategy == "mmcsal" and cfg.data.class_path.startswith("avmoe.datamodules.")
+
+
 def test_select_rejects_a_budget_larger_than_the_pool(ave_release, tmp_path):
     with pytest.raises(ValueError, match=r"budget 17 is larger than the pool \(16 samples"):
         cli_main(select_args(ave_release, tmp_path / "run", "--select.budget=17"))
