@@ -50,9 +50,11 @@ def test_select_writes_nested_ave_subsets_that_train_configs_read(ave_release, t
     assert chosen[4] < chosen[8]
     # a second strategy on the same run folder reuses the cached features (no backbone pass)
     stamp = os.stat(run / "features" / "pool.pt").st_mtime_ns
-    cli_main(select_args(ave_release, run, "--select.budget=3", "--select.strategy=kcenter"))
+    cli_main(select_args(ave_release, run, "--select.budget=3", "--select.strategy=kcenter",
+                         "--select.features=stage1", "--select.view=audio"))
     assert os.stat(run / "features" / "pool.pt").st_mtime_ns == stamp
-    assert len(json.loads((run / "selection.json").read_text())["order"]) == 3
+    again = json.loads((run / "selection.json").read_text())
+    assert len(again["order"]) == 3 and again["strategy"] == "kcenter" and "gap_after" in again["stage1"]
 
 
 @pytest.mark.parametrize("config", sorted((CONFIGS / "select").glob("*.yaml")), ids=lambda p: p.stem)

@@ -208,32 +208,39 @@ def probcover_select(features: np.ndarray, budget: int, labelled: Optional[np.nd
 
 
 def purity_radius(features: np.ndarray, num_classes: int, alpha: float = 0.95, seed: int = 0,
-                  candidates: Optional[Sequence[float]] = None) -> float:
+                  candidates: Optional[Sequence[float]] = None, chunk: int = 2048) -> float:
     """ProbCover's delta: the largest candidate radius whose purity is at least ``alpha``.
 
     Purity(delta) = the fraction of points whose delta-ball holds only points of their own k-means pseudo-label
     (k = ``num_classes``). Candidates default to 40 radii, geometrically spaced from half the closest pair's
-    distance to the median pairwise distance. Raises ValueError when no candidate reaches ``alpha``.
+    distance to the median pairwise distance (estimated on at most 2000 rows). Raises ValueError when no candidate reaches ``alpha``.
     """
     feats = np.asarray(features, dtype=np.float32)
-    labels = KMeans(n_clusters=num_classes, n_init=1, random_state=seed).fit_predict(feats)
+    labels = torch.from_numpy(KMeans(n_clusters=num_classes, n_init=1, random_state=seed).fit_predict(feats))
     x = torch.from_numpy(feats).double()
-    d = torch.cdist(x, x)
+    n = len(x)
     if candidates is None:
-        off = d[~torch.eye(len(x), dtype=torch.bool)]
-        hi = torch.quantile(off, 0.5).item()
+        # radius range from (at most) 2000 rows, so memory stays O(2000 * N)
+        rows = np.sort(np.random.default_rng(seed).permutation(n)[:2000])
+        d = torch.cdist(x[rows], x)
+        d[torch.arange(len(rows)), torch.from_numpy(rows)] = float("nan")  # not the point itself
+        off = d[~torch.isnan(d)]
+        hi = torch.quantile(off[:10_000_000], 0.5).item()
         lo = max(0.5 * off.min().item(), 1e-3 * hi)  # below the closest pair every ball is pure
         candidates = np.geomspace(lo, hi, 40).tolist()
-    lab = torch.from_numpy(labels)
-    same = lab[:, None] == lab[None]
-    best: Optional[float] = None
-    for delta in sorted(candidates):
-        pure = (~((d < delta) & ~same).any(1)).double().mean().item()
-        if pure >= alpha:
-            best = float(delta)
-    if best is None:
+    radii = torch.tensor(sorted(candidates), dtype=torch.float64)
+    impure = torch.zeros(len(radii), dtype=torch.float64)
+    for s in range(0, n, chunk):
+        d = torch.cdist(x[s:s + chunk], x)  # (r, N)
+        other = labels[s:s + chunk, None] != labels[None]
+        # a ball is impure iff its nearest point of another pseudo-label lies inside it
+        nearest_other = torch.where(other, d, torch.full_like(d, float("inf"))).min(1).values  # (r,)
+        impure += (nearest_other[None] < radii[:, None]).sum(1)
+    purity = 1 - impure / n
+    ok = torch.nonzero(purity >= alpha).flatten()
+    if len(ok) == 0:
         raise ValueError(f"no candidate radius reaches purity {alpha} with {num_classes} pseudo-classes")
-    return best
+    return float(radii[ok[-1]])
 
 
 def nested_selection(strategy: Strategy, features: np.ndarray, budgets: Sequence[int], seed: int = 0,

@@ -49,25 +49,43 @@ def _minmax(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tenso
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
-def _knn_typicality(d: torch.Tensor, k: int, exclude_self: bool) -> torch.Tensor:
-    """1 / (mean of the k smallest distances per row + 1e-5); d (N, N)."""
-    if exclude_self:
-        d = d + torch.diag(torch.full((len(d),), float("inf"), dtype=d.dtype))
-    k = max(1, min(k, len(d) - 1 if exclude_self else len(d)))
-    return 1.0 / (d.topk(k, dim=1, largest=False).values.mean(1) + 1e-5)
+CHUNK = 2048  # rows of a distance block: memory is O(CHUNK * N), never O(N^2)
+
+
+def _pair_distances(a: torch.Tensor, v: torch.Tensor, rows: slice) -> tuple[torch.Tensor, ...]:
+    """d_a, d_v, d_x (r, N) of the points ``rows`` against every point (unit-norm a, v (N, d))."""
+    ar, vr = a[rows], v[rows]
+    return 1 - ar @ a.T, 1 - vr @ v.T, 1 - 0.5 * (ar @ v.T + vr @ a.T)
+
+
+def _knn_mean(d: torch.Tensor, k: int, rows: slice | None) -> torch.Tensor:
+    """Mean of the k smallest distances per row of d (r, N); ``rows``: exclude each row's own column."""
+    if rows is not None:
+        d = d.clone()
+        idx = torch.arange(d.shape[0])
+        d[idx, idx + rows.start] = float("inf")
+    return d.topk(k, dim=1, largest=False).values.mean(1)
 
 
 def mmcsal_terms(za: np.ndarray, zv: np.ndarray, config: Stage2Config) -> dict[str, torch.Tensor]:
-    """The per-sample terms and the combined distance: ``typicality`` (N,), ``alignment`` (N,), ``distance`` (N, N)."""
+    """Per-sample ``typicality`` (N,) and ``alignment`` (N,) of normalised embeddings, plus ``a`` / ``v`` (N, d)."""
     a = F.normalize(torch.as_tensor(np.asarray(za), dtype=torch.float64), dim=-1)
     v = F.normalize(torch.as_tensor(np.asarray(zv), dtype=torch.float64), dim=-1)
-    d_a, d_v = 1 - a @ a.T, 1 - v @ v.T  # (N, N) uni-modal
-    d_x = 1 - 0.5 * (a @ v.T + v @ a.T)  # (N, N) cross-modal, symmetrised
-    k = config.k_nn
-    rho = _knn_typicality(d_a, k, True) + _knn_typicality(d_v, k, True)
-    rho = rho + config.cross_weight * _knn_typicality(d_x, k, False)  # includes the clip's own pair
-    rho = rho / (2 + config.cross_weight)
-    return {"typicality": rho, "alignment": (a * v).sum(1), "distance": (d_a + d_v + d_x) / 3}
+    n = len(a)
+    k_uni, k_x = max(1, min(config.k_nn, n - 1)), max(1, min(config.k_nn, n))
+    rho = torch.empty(n, dtype=torch.float64)
+    for s in range(0, n, CHUNK):
+        rows = slice(s, min(s + CHUNK, n))
+        d_a, d_v, d_x = _pair_distances(a, v, rows)
+        typ = 1 / (_knn_mean(d_a, k_uni, rows) + 1e-5) + 1 / (_knn_mean(d_v, k_uni, rows) + 1e-5)
+        typ = typ + config.cross_weight / (_knn_mean(d_x, k_x, None) + 1e-5)  # includes the clip's own pair
+        rho[rows] = typ / (2 + config.cross_weight)
+    return {"typicality": rho, "alignment": (a * v).sum(1), "a": a, "v": v}
+
+
+def combined_distance(a: torch.Tensor, v: torch.Tensor, j: int) -> torch.Tensor:
+    """``d(i, j) = (d_a + d_v + d_x) / 3`` of every point i to point j, (N,)."""
+    return 1 - (a @ a[j] + v @ v[j] + 0.5 * (a @ v[j] + v @ a[j])) / 3
 
 
 def mmcsal_select(features: np.ndarray, budget: int, labelled: Optional[np.ndarray] = None, seed: int = 0,
@@ -89,8 +107,10 @@ def mmcsal_select(features: np.ndarray, budget: int, labelled: Optional[np.ndarr
     free = ~chosen
     rho = _minmax(terms["typicality"], free)
     align = _minmax(terms["alignment"], free)
-    dist = terms["distance"]
-    min_d = dist[:, chosen].min(1).values if chosen.any() else torch.ones(n, dtype=torch.float64)
+    a, v = terms["a"], terms["v"]
+    min_d = torch.full((n,), float("inf"), dtype=torch.float64)  # distance to the nearest chosen point
+    for j in torch.nonzero(chosen).flatten().tolist():
+        min_d = torch.minimum(min_d, combined_distance(a, v, j))
     gains = torch.full((n,), float("nan"), dtype=torch.float64)
     picks: list[int] = []
     for _ in range(budget):
@@ -101,7 +121,7 @@ def mmcsal_select(features: np.ndarray, budget: int, labelled: Optional[np.ndarr
         picks.append(best)
         gains[best] = obj[best]
         chosen[best] = True
-        min_d = torch.minimum(min_d, dist[:, best]) if len(picks) > 1 or len(lab) else dist[:, best].clone()
+        min_d = torch.minimum(min_d, combined_distance(a, v, best))
     if scores is not None:
         gain = gains.numpy()
         if "gain" in scores:  # nested budgets: keep the gains of the earlier rounds' picks
