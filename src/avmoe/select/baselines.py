@@ -8,18 +8,24 @@ picks made with the B1 picks as the labelled set, so each budget contains the sm
 Sources (formulas and constants):
 
 - random: uniform without replacement (as ``MengShen0709/bmmal`` ``strategy/random``), a seeded permutation;
-- k-means: K = budget clusters (k-means++ init), the point closest to each centroid (bmmal ``strategy/kmeans.py``);
+- k-means: K = budget clusters (k-means++ init), the point closest to each centroid (bmmal ``strategy/kmeans.py``).
+  bmmal takes the ``B // K + 1`` nearest points of each cluster in cluster-index order and truncates to B, which
+  with K = B gives two points from each of the first B/2 clusters; here every cluster gives its nearest point
+  first (round robin), so K = B clusters give B distinct cluster representatives;
 - k-center greedy (Sener & Savarese, ICLR 2018, "Active Learning for CNNs: A Core-Set Approach"): farthest-first
   traversal. With no labelled point the first centre must be chosen explicitly (``first``): bmmal's
-  ``k_center_greedy.py`` tests ``already_selected is None`` after initialising it to ``[]``, so a cold start
-  never gets a first centre and fails;
+  ``k_center_greedy.py`` (@2cdf13f) tests ``self.already_selected is None`` after initialising it to ``[]``, so a
+  cold start never gets a first centre and ``argmax`` of the unset ``min_distances`` fails;
 - TypiClust (Hacohen et al., ICML 2022; official ``avihu111/TypiClust`` ``deep-al/pycls/al/typiclust.py``):
   min(|L| + B, 500) clusters, typicality 1 / (mean squared-L2 distance to the K=min(20, |cluster| // 2) nearest
   neighbours in the cluster + 1e-5), clusters of at most 5 points dropped, clusters visited by (already labelled
-  count ascending, size descending);
+  count ascending, size descending). Official code fails once a visited cluster has no unlabelled point left;
+  here exhausted clusters are skipped;
 - ProbCover (Yehuda et al., NeurIPS 2022; official ``deep-al/pycls/al/prob_cover.py``): ball graph
-  ``x -> y iff ||x - y|| < delta``, greedy max coverage; delta from the purity criterion
-  (:func:`purity_radius`).
+  ``x -> y iff ||x - y|| < delta``, greedy max coverage (plain argmax, as the code; the paper randomises among
+  the top degrees); delta from the purity criterion (:func:`purity_radius`). Two official quirks are not kept:
+  its graph loop ``range(N // 500)`` leaves the last partial block of points without out-edges, and once all is
+  covered its argmax of all-zero degrees picks point 0 again (a duplicate).
 """
 
 from __future__ import annotations
@@ -183,7 +189,7 @@ def probcover_select(features: np.ndarray, budget: int, labelled: Optional[np.nd
 
     Points covered by a labelled point are removed first; then repeatedly the point whose ball covers the most
     uncovered points is picked (lowest index on ties). Once everything is covered the remaining picks are
-    uniform among the unpicked points (seeded), as the official code falls back to random.
+    uniform among the unpicked points (seeded); the official code would pick point 0 again.
     """
     feats, lab = _check(features, budget, labelled)
     adj = ball_graph(feats, delta)
