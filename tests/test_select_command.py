@@ -167,6 +167,30 @@ def test_features_and_selection_are_the_same_on_one_and_two_processes(tmp_path):
     assert torch.equal(alone[0], every[1][0]) and torch.equal(alone[1], every[1][1])
 
 
+def test_stage1_through_the_backbone_trains_only_the_adapters_and_is_reused(tmp_path):
+    from lightning.fabric import Fabric
+
+    from avmoe.select.adapters import WEIGHTS_FILE, train_adapters
+    from avmoe.select.stage1 import Stage1Config
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    backbone = CountingBackbone()
+    before = {k: v.clone() for k, v in backbone.inner.state_dict().items()}
+    cfg = Stage1Config(dim=16, hidden=32, num_prototypes=2)
+    log: list[dict] = []
+    train_adapters(fabric, backbone.inner, FakeClips(8), np.arange(8), 2, cfg, tmp_path, batch_size=4, log=log)
+    changed = {k for k, v in backbone.inner.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("adapters.") for k in changed)  # encoders stay frozen
+    assert [r["epoch"] for r in log] == [0, 1] and all(np.isfinite(r["loss"]) and r["gap"] > 0 for r in log)
+    assert (tmp_path / WEIGHTS_FILE).is_file()
+    trained = {k: v.clone() for k, v in backbone.inner.state_dict().items()}
+    with torch.no_grad():  # spoil the adapters: a rerun must restore them from the file, not train again
+        for p in backbone.inner.adapters.parameters():
+            p.zero_()
+    train_adapters(fabric, backbone.inner, FakeClips(8), np.arange(8), 2, cfg, tmp_path, batch_size=4)
+    assert all(torch.equal(v, trained[k]) for k, v in backbone.inner.state_dict().items())
+
+
 def test_a_pool_sample_without_audio_is_an_error():
     backbone = AVMoEBackbone(tiny_config(adapter={"num_latents": 4, "reduction": 4, "router_hidden": [16, 8]}))
     clips = FakeClips(3, drop_audio=1)

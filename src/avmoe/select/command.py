@@ -5,7 +5,8 @@
 Reads the train split of any release through its DataModule (labels ignored), embeds the pool with the AVMoE
 backbone (cached in the run folder), runs the chosen strategy and writes, under ``<select.run_dir>``:
 
-- ``features/pool.pt``: the pooled features (reused by later runs on the same pool);
+- ``features/pool.pt``: the pooled features (reused by later runs on the same pool; ``features_adapters/`` and
+  ``stage1_adapters.pt`` when ``select.adapter_epochs`` > 0 trains the adapters first);
 - ``budget_<B>/``: a mirror of the release root whose train split file holds only the B selected samples
   (nested: budget_40 contains budget_20); train with the normal config and ``--data.init_args.root`` there;
 - ``selection.json``: strategy, budgets, the selection order (IDs), per-sample scores and, for MMCSAL, the
@@ -33,6 +34,7 @@ from avmoe.files import write_json_atomic
 from avmoe.models.avmoe import AVMoEBackbone
 from avmoe.models.config import AVMoEConfig
 
+from .adapters import train_adapters
 from .features import embed_pool, load_backbone_weights
 from .mmcsal import Stage2Config
 from .splits import build_pool, write_selected_root
@@ -57,6 +59,11 @@ class SelectConfig:
     """Run folder: features/, budget_<B>/, selection.json."""
     checkpoint: Optional[str] = None
     """Task checkpoint whose ``backbone.*`` weights (adapters) are loaded before embedding."""
+    adapter_epochs: int = 0
+    """> 0: before embedding, train the MoE adapters with the stage-1 loss through the backbone for this many
+    epochs (``avmoe.select.adapters``; weights in <run_dir>/stage1_adapters.pt, features in features_adapters/).
+    0: frozen encoders with the adapters as initialised (gated to zero) or from ``checkpoint``."""
+    adapter_lr: float = 1e-4
     batch_size: int = 8
     num_workers: int = 0
     accelerator: str = "cpu"
@@ -121,10 +128,18 @@ def run_select(data: AVDataModule, backbone_cfg: AVMoEConfig, cfg: SelectConfig)
                          f"split of {data.root})")
     backbone = AVMoEBackbone(backbone_cfg)
     load_backbone_weights(backbone, cfg.checkpoint)
-    audio, visual = embed_pool(backbone, data.dataset("train"), pool.positions, pool.ids, run_dir / "features",
-                               cfg.batch_size, cfg.num_workers, cfg.seed, fabric.device, cfg.flush_every)
     report: dict[str, Any] = {"strategy": cfg.strategy, "view": cfg.view, "budgets": budgets, "seed": cfg.seed,
                               "pool_size": len(pool.ids), "root": str(data.root), "world_size": fabric.world_size}
+    features_dir = run_dir / "features"
+    if cfg.adapter_epochs > 0:
+        adapter_log: list[dict] = []
+        backbone = train_adapters(fabric, backbone, data.dataset("train"), pool.positions, cfg.adapter_epochs,
+                                  cfg.stage1, run_dir, cfg.batch_size, cfg.num_workers, cfg.adapter_lr, cfg.seed,
+                                  adapter_log)
+        report["stage1_adapters"] = adapter_log
+        features_dir = run_dir / "features_adapters"
+    audio, visual = embed_pool(backbone, data.dataset("train"), pool.positions, pool.ids, features_dir,
+                               cfg.batch_size, cfg.num_workers, cfg.seed, fabric.device, cfg.flush_every)
     use_stage1 = cfg.stage1.enabled and (cfg.strategy == "mmcsal" or cfg.features == "stage1")
     if use_stage1:
         audio, visual = stage1_embeddings(audio, visual, cfg, report)
