@@ -1,0 +1,281 @@
+"""Convert a checkpoint of the official AVMoE code into avmoe's layout, for ``--run.init_from``.
+
+The official code (yingchengy/AVMOE) saves ``model.state_dict()`` of its ``MMIL_Net``
+(``AVMOE/AVE/main_trans_v3.py``, ``torch.save(model.state_dict(), ...)``): ``swin.*`` (timm 0.6.12
+Swin-V2), ``htsat.*`` (the HTS-AT code), ``{audio,vis}_moe_adapter_blocks_{p1,p2}.<i>.*`` (the MoE adapters, ``i``
+counting the adapter positions in order) and the head. This module renames and reshapes those tensors into the
+keys of the matching avmoe task; the result loads with ``--run.init_from``::
+
+    python -m avmoe.convert_official --task ave best_model.pt ave_official.pt
+    lightning fit --config lightning_configs/ave.yaml --run.init_from ave_official.pt
+
+Covered: ``--task ave`` (``MMIL_Net`` of ``AVMOE/AVE/nets/net_trans_v3.py`` with ``is_cmbs=1``,
+``is_temporal_att=1``, ``is_inter_in_cmbs=0`` as in ``AVMOE/AVE/train.sh``; load it into an ``AVETask`` whose
+``head.decoder`` is ``cmbs``, the default). Other tasks are not covered yet.
+
+Keys without a counterpart are reported, never silently dropped: the decoder layers' ``self_attn`` and the
+``encoder_layer`` / ``decoder_layer`` templates (built by the official code, never called), the timm classifier
+``head`` and buffers that avmoe recomputes (``relative_coords_table``, ``relative_position_index``, ``attn_mask``,
+the HTS-AT STFT / log-mel front end).
+
+Mapping (official -> avmoe):
+
+- ``swin.`` -> ``backbone.visual_encoder.`` (timm -> ``transformers.Swinv2Model``): ``patch_embed.proj`` ->
+  ``embeddings.patch_embeddings.projection``, ``patch_embed.norm`` -> ``embeddings.norm``, ``layers.*`` ->
+  ``encoder.layers.*``; per block ``attn.qkv`` (rows q, k, v) -> ``attention.self.{query,key,value}``,
+  ``attn.q_bias`` / ``attn.v_bias`` -> ``query.bias`` / ``value.bias`` (the key has no bias in both),
+  ``attn.logit_scale`` and ``attn.cpb_mlp`` -> ``attention.self.{logit_scale,continuous_position_bias_mlp}``,
+  ``attn.proj`` -> ``attention.output.dense``, ``norm1`` / ``norm2`` -> ``layernorm_before`` / ``layernorm_after``,
+  ``mlp.fc1`` / ``mlp.fc2`` -> ``intermediate.dense`` / ``output.dense``; ``norm`` -> ``layernorm``.
+- ``htsat.`` -> ``backbone.audio_encoder.`` via :func:`avmoe.models.backbones.convert_htsat.convert_htsat_state_dict`.
+- ``audio_moe_adapter_blocks_p1.<i>`` -> ``backbone.adapters.<stage>.<block>.a1`` (``vis_`` -> ``v``, ``p2`` -> ``2``),
+  position ``i`` -> (stage, block) from the HTS-AT depths and ``num_skip``; inside: ``conv_adapter`` (1x1 Conv2d)
+  -> ``token_map.token_weight`` / ``token_bias``, ``fc`` -> ``token_map.fc``, ``router.{0,2,4}`` ->
+  ``router.mlp.{0,2,4}``, ``multimodal_experts.<j>`` then ``singlemodal_experts.<j>`` -> ``experts.<k>`` in that
+  order; per expert ``my_tokens`` / ``gate_av`` -> ``fusion.tokens`` / ``fusion.gate``, ``down_sampler`` /
+  ``up_sampler`` (grouped 1x1 Conv2d) -> ``bottleneck.down`` / ``bottleneck.up`` (``(groups, out/g, in/g)``),
+  ``bn1`` / ``bn2`` -> ``bottleneck.bn_down`` / ``bottleneck.bn_up``, ``ln_before`` / ``ln_post`` -> ``bottleneck.*``,
+  ``gate`` -> ``gate``.
+- AVE head -> ``head.``: ``temporal_attn.v_fc`` -> ``v_proj.0``, ``a_fc`` -> ``a_proj``,
+  ``audio_visual_rnn_layer.{visual,audio}_rnn`` -> ``{v,a}_lstm``, ``{video,audio}_encoder.affine_matrix`` ->
+  ``{v,a}_in``, ``{video,audio}_encoder.encoder.layers`` -> ``{v,a}_encoder.layers``,
+  ``{video,audio}_decoder.affine_matrix`` -> ``{v,a}_query``, ``{video,audio}_decoder.decoder.layers.0`` ->
+  ``{v,a}_decoder``, ``{video,audio}_gated.0`` -> ``{v,a}_gate``; ``CMBS.{video,audio}_cas`` -> ``{v,a}_cas``,
+  ``CMBS.localize_module.classifier`` -> ``event_head``, ``CMBS.localize_module.event_classifier`` -> ``class_head``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from avmoe.models.backbones.convert_htsat import convert_htsat_state_dict
+
+Rule = tuple["re.Pattern[str]", str]
+TASKS = ("ave",)
+# Official defaults per task: HTS-AT tiny depths and the adapter skip rule (``num_skip`` in the task's train.sh).
+OFFICIAL_LAYOUT = {"ave": {"audio_depths": (2, 2, 6, 2), "num_skip": 2}}
+
+
+@dataclass
+class Conversion:
+    """Converted tensors plus what had no counterpart (official key -> why)."""
+
+    state_dict: dict[str, Tensor] = field(default_factory=dict)
+    unmatched: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"converted {len(self.state_dict)} tensors; {len(self.unmatched)} official keys without counterpart"]
+        lines += [f"  {key}: {why}" for key, why in sorted(self.unmatched.items())]
+        return "\n".join(lines)
+
+
+def _rules(pairs: Sequence[tuple[str, str]]) -> list[Rule]:
+    return [(re.compile(p), r) for p, r in pairs]
+
+
+# Official keys that the official forward never reads (templates, unused self-attention, recomputed buffers).
+_UNUSED = re.compile(
+    r"(\.encoder_layer\.|\.decoder_layer\.|\.decoder\.layers\.\d+\.self_attn\.|^swin\.head\."
+    r"|^swin\..*\.(relative_coords_table|relative_position_index|attn_mask)$)")
+# HTS-AT keys that convert_htsat_state_dict drops on purpose.
+_HTSAT_DROPPED = re.compile(r"^(spectrogram_extractor\.|logmel_extractor\.|tscam_conv\.|head\.)|\.attn_mask$")
+
+_AVE_HEAD = _rules([
+    (r"^temporal_attn\.v_fc\.", "head.v_proj.0."),
+    (r"^temporal_attn\.a_fc\.", "head.a_proj."),
+    (r"^temporal_attn\.audio_visual_rnn_layer\.visual_rnn\.", "head.v_lstm."),
+    (r"^temporal_attn\.audio_visual_rnn_layer\.audio_rnn\.", "head.a_lstm."),
+    (r"^temporal_attn\.video_encoder\.affine_matrix\.", "head.v_in."),
+    (r"^temporal_attn\.audio_encoder\.affine_matrix\.", "head.a_in."),
+    (r"^temporal_attn\.video_encoder\.encoder\.layers\.", "head.v_encoder.layers."),
+    (r"^temporal_attn\.audio_encoder\.encoder\.layers\.", "head.a_encoder.layers."),
+    (r"^temporal_attn\.video_decoder\.affine_matrix\.", "head.v_query."),
+    (r"^temporal_attn\.audio_decoder\.affine_matrix\.", "head.a_query."),
+    (r"^temporal_attn\.video_decoder\.decoder\.layers\.0\.", "head.v_decoder."),
+    (r"^temporal_attn\.audio_decoder\.decoder\.layers\.0\.", "head.a_decoder."),
+    (r"^temporal_attn\.video_gated\.0\.", "head.v_gate."),
+    (r"^temporal_attn\.audio_gated\.0\.", "head.a_gate."),
+    (r"^CMBS\.video_cas\.", "head.v_cas."),
+    (r"^CMBS\.audio_cas\.", "head.a_cas."),
+    (r"^CMBS\.localize_module\.classifier\.", "head.event_head."),
+    (r"^CMBS\.localize_module\.event_classifier\.", "head.class_head."),
+])
+
+_SWIN = _rules([
+    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+    (r"^patch_embed\.norm\.", "embeddings.norm."),
+    (r"^norm\.", "layernorm."),
+    (r"^layers\.", "encoder.layers."),
+    (r"\.attn\.logit_scale$", ".attention.self.logit_scale"),
+    (r"\.attn\.cpb_mlp\.", ".attention.self.continuous_position_bias_mlp."),
+    (r"\.attn\.proj\.", ".attention.output.dense."),
+    (r"\.attn\.q_bias$", ".attention.self.query.bias"),
+    (r"\.attn\.v_bias$", ".attention.self.value.bias"),
+    (r"\.norm1\.", ".layernorm_before."),
+    (r"\.norm2\.", ".layernorm_after."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+])
+
+_ADAPTER = re.compile(r"^(?P<side>audio|vis)_moe_adapter_blocks_p(?P<phase>[12])\.(?P<i>\d+)\.(?P<rest>.+)$")
+_EXPERT = re.compile(r"^(?P<kind>multimodal|singlemodal)_experts\.(?P<j>\d+)\.(?P<rest>.+)$")
+_EXPERT_RULES = _rules([
+    (r"^my_tokens$", "fusion.tokens"),
+    (r"^gate_av$", "fusion.gate"),
+    (r"^gate$", "gate"),
+    (r"^down_sampler\.weight$", "bottleneck.down.weight"),
+    (r"^up_sampler\.weight$", "bottleneck.up.weight"),
+    (r"^bn1\.", "bottleneck.bn_down."),
+    (r"^bn2\.", "bottleneck.bn_up."),
+    (r"^ln_before\.", "bottleneck.ln_before."),
+    (r"^ln_post\.", "bottleneck.ln_post."),
+])
+
+
+def _apply(rules: list[Rule], key: str, first_only: bool) -> Optional[str]:
+    out, hit = key, False
+    for pattern, repl in rules:
+        new = pattern.sub(repl, out)
+        if new != out:
+            out, hit = new, True
+            if first_only:
+                break
+    return out if hit else None
+
+
+def adapter_positions(audio_depths: Sequence[int], num_skip: int) -> list[tuple[int, int]]:
+    """(stage, block) of each official adapter index: audio blocks of the stages that carry adapters, in order."""
+    return [(s, k) for s, depth in enumerate(audio_depths) if not (num_skip > 1 and (s + 1) % num_skip == 0)
+            for k in range(depth)]
+
+
+def _grouped(conv_weight: Tensor, groups: int) -> Tensor:
+    """Grouped 1x1 Conv2d weight (out, in/g, 1, 1) -> GroupedLinear weight (g, out/g, in/g)."""
+    out, in_g = conv_weight.shape[:2]
+    return conv_weight.reshape(groups, out // groups, in_g).clone()
+
+
+def _convert_adapter(rest: str, value: Tensor, num_cross: int, groups: int) -> tuple[Optional[str], Tensor]:
+    if rest.startswith("conv_adapter."):
+        kind = rest.split(".", 1)[1]
+        return ("token_map.token_weight", value[:, :, 0, 0].clone()) if kind == "weight" else \
+            ("token_map.token_bias", value)
+    if rest.startswith("fc."):
+        return "token_map." + rest, value
+    if rest.startswith("router."):
+        return "router.mlp." + rest[len("router."):], value
+    expert = _EXPERT.match(rest)
+    if expert is None:
+        return None, value
+    k = int(expert["j"]) + (0 if expert["kind"] == "multimodal" else num_cross)
+    inner = _apply(_EXPERT_RULES, expert["rest"], first_only=True)
+    if inner is None:
+        return None, value
+    if inner.endswith(("down.weight", "up.weight")):
+        value = _grouped(value, groups)
+    return f"experts.{k}.{inner}", value
+
+
+def _convert_swin(sd: dict[str, Tensor], out: Conversion, prefix: str) -> None:
+    for key, value in sd.items():
+        qkv = re.match(r"^(?P<block>.+)\.attn\.qkv\.weight$", key)
+        if qkv is not None:
+            base = prefix + _apply(_SWIN, qkv["block"] + ".x", first_only=False)[:-2] + ".attention.self."
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out.state_dict[f"{base}{name}.weight"] = part.clone()
+            continue
+        new = _apply(_SWIN, key, first_only=False)
+        if new is None:
+            out.unmatched["swin." + key] = "no counterpart"
+        else:
+            out.state_dict[prefix + new] = value
+
+
+def convert_official(sd: dict[str, Tensor], task: str = "ave", audio_depths: Optional[Sequence[int]] = None,
+                     num_skip: Optional[int] = None, num_cross_experts: int = 1, conv_groups: int = 2) -> Conversion:
+    """Map an official ``MMIL_Net`` state dict of ``task`` to avmoe task keys.
+
+    ``audio_depths`` / ``num_skip`` place the official adapter indices (defaults: the task's official values);
+    ``num_cross_experts`` is ``num_multimodal_experts`` and ``conv_groups`` is ``num_conv_group`` of the official run.
+    """
+    if task not in TASKS:
+        raise ValueError(f"convert_official: task {task!r} is not covered (covered: {', '.join(TASKS)})")
+    layout = OFFICIAL_LAYOUT[task]
+    positions = adapter_positions(audio_depths or layout["audio_depths"], num_skip or layout["num_skip"])
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}  # DataParallel prefix
+    out = Conversion()
+    swin, htsat = {}, {}
+    for key, value in sd.items():
+        if _UNUSED.search(key):
+            out.unmatched[key] = "not used by the official forward (or a buffer avmoe recomputes)"
+        elif key.startswith("swin."):
+            swin[key[len("swin."):]] = value
+        elif key.startswith("htsat."):
+            htsat[key[len("htsat."):]] = value
+        elif (adapter := _ADAPTER.match(key)) is not None:
+            i = int(adapter["i"])
+            if i >= len(positions):
+                out.unmatched[key] = f"adapter index {i} beyond the {len(positions)} positions of the layout"
+                continue
+            name, tensor = _convert_adapter(adapter["rest"], value, num_cross_experts, conv_groups)
+            if name is None:
+                out.unmatched[key] = "no counterpart"
+                continue
+            s, k = positions[i]
+            module = ("a" if adapter["side"] == "audio" else "v") + adapter["phase"]
+            out.state_dict[f"backbone.adapters.{s}.{k}.{module}.{name}"] = tensor
+        elif (new := _apply(_AVE_HEAD, key, first_only=True)) is not None:
+            out.state_dict[new] = value
+        else:
+            out.unmatched[key] = "no counterpart"
+    _convert_swin(swin, out, "backbone.visual_encoder.")
+    audio = convert_htsat_state_dict(htsat)
+    for key in sorted(k for k in htsat if _HTSAT_DROPPED.search(k)):
+        out.unmatched["htsat." + key] = "HTS-AT front end / classifier / recomputed mask, unused by avmoe"
+    out.state_dict.update({"backbone.audio_encoder." + k: v for k, v in audio.items()})
+    return out
+
+
+def load_official(path: str | os.PathLike) -> dict[str, Tensor]:
+    """An official checkpoint as a flat state dict, loaded with ``weights_only=True``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"official checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # unpickling refused: say which file and why, do not fall back to full pickle
+        raise RuntimeError(f"{path}: not loadable with torch.load(weights_only=True) ({err}); re-save it as a plain "
+                           "state dict of tensors") from err
+    sd = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise RuntimeError(f"{path}: expected a state dict (name -> tensor), got {type(ckpt).__name__}")
+    return sd
+
+
+def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], object] = print) -> Conversion:
+    parser = argparse.ArgumentParser(prog="python -m avmoe.convert_official", description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("src", help="checkpoint saved by the official code (model.state_dict())")
+    parser.add_argument("dst", help="output state dict for --run.init_from")
+    parser.add_argument("--audio-depths", type=int, nargs="+", default=None, help="HTS-AT depths (official: 2 2 6 2)")
+    parser.add_argument("--num-skip", type=int, default=None, help="official num_skip (AVE: 2)")
+    parser.add_argument("--num-multimodal-experts", type=int, default=1)
+    parser.add_argument("--num-conv-group", type=int, default=2)
+    args = parser.parse_args(argv)
+    conversion = convert_official(load_official(args.src), args.task, args.audio_depths, args.num_skip,
+                                  args.num_multimodal_experts, args.num_conv_group)
+    torch.save(conversion.state_dict, args.dst)
+    log(conversion.summary())
+    log(f"wrote {args.dst}")
+    return conversion
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

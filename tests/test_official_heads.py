@@ -1,0 +1,150 @@
+"""Task heads against transcriptions of the official AVMoE forward (yingchengy/AVMOE), float64, tiny sizes.
+
+The official weights are those of the transcription (official attribute names, random values), moved into avmoe's
+layout by :func:`avmoe.convert_official.convert_official`, so each test checks the head and the key map together.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from avmoe.convert_official import convert_official
+from avmoe.metrics.ave import BACKGROUND
+from avmoe.models.heads.ave import AVEHead, AVEHeadConfig
+from tests.official_ave import OfficialAVEHead, official_ave_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Official relations kept at tiny size: video_dim = 2 * d_model, audio RNN hidden = d_model / 2 = audio_dim.
+B, T, VIS_IN, AUD_IN, VIDEO_DIM, AUDIO_DIM, D, FF, HEADS = 3, 10, 20, 12, 16, 4, 8, 24, 2
+TINY = AVEHeadConfig(visual_dim=VIDEO_DIM, audio_dim=AUDIO_DIM, d_model=D, num_heads=HEADS, ff_dim=FF)
+
+
+def _perturb(module: nn.Module) -> None:
+    """Every tensor random (LayerNorm scales and biases too), so a swapped or missed key shows."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] == D else 0.0))
+
+
+@pytest.fixture(scope="module")
+def official_and_ours() -> tuple[OfficialAVEHead, AVEHead, dict[str, str]]:
+    torch.manual_seed(0)
+    official = OfficialAVEHead(VIS_IN, AUD_IN, VIDEO_DIM, AUDIO_DIM, D, FF, HEADS).double()
+    _perturb(official)
+    conversion = convert_official(official.state_dict(), "ave")
+    ours = AVEHead(VIS_IN, AUD_IN, TINY).double()
+    head = {k[len("head."):]: v for k, v in conversion.state_dict.items()}
+    assert set(head) == set(ours.state_dict()), "every head tensor comes from the official checkpoint"
+    ours.load_state_dict(head, strict=True)
+    return official.eval(), ours.eval(), conversion.unmatched
+
+
+def test_ave_head_equals_official_cmbs(official_and_ours):
+    official, ours, unmatched = official_and_ours
+    torch.manual_seed(1)
+    f_v, f_a = torch.randn(B, T, VIS_IN, dtype=torch.float64), torch.randn(B, T, AUD_IN, dtype=torch.float64)
+    with torch.no_grad():
+        ref = official(f_v, f_a)
+        out = ours(f_v, f_a)
+    for name, want in zip(("is_event", "event_scores", "av_score"), ref):
+        assert out[name].shape == want.shape
+        diff = (out[name] - want).abs().max().item()
+        assert diff <= 1e-12 * max(1.0, want.abs().max().item()), f"{name}: max |diff| {diff:.3g}"
+    # What has no counterpart is exactly what the official forward never calls.
+    assert unmatched and all(".encoder_layer." in k or ".decoder_layer." in k or ".self_attn." in k for k in unmatched)
+    assert {k for k in unmatched if ".decoder.layers.0.self_attn." in k}, "the never-called decoder self-attention"
+
+
+def test_transformer_decoder_option_differs_and_keeps_old_layout():
+    cfg = AVEHeadConfig(**{**TINY.__dict__, "decoder": "transformer"})
+    old = AVEHead(VIS_IN, AUD_IN, cfg)
+    assert "v_decoder.layers.0.self_attn.in_proj_weight" in old.state_dict() and not hasattr(old, "v_query")
+    out = old(torch.randn(B, T, VIS_IN), torch.randn(B, T, AUD_IN))
+    assert out["is_event"].shape == (B, T)
+    with pytest.raises(ValueError, match="decoder"):
+        AVEHead(VIS_IN, AUD_IN, AVEHeadConfig(decoder="bogus"))  # type: ignore[arg-type]
+
+
+def _labels(b: int, events: list[tuple[int, int, int] | None]) -> torch.Tensor:
+    label = torch.full((b, T), BACKGROUND)
+    for row, ev in enumerate(events):
+        if ev is not None:
+            cls, start, stop = ev
+            label[row, start:stop] = cls
+    return label
+
+
+def _one_hot(label: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(label, 29).to(torch.float64)  # (B, T, 29), background last
+
+
+@pytest.fixture(scope="module")
+def ave_task_cls():
+    from avmoe.tasks.ave import AVETask
+
+    return AVETask
+
+
+@pytest.mark.parametrize("background_clips", ["official", "exclude"])
+def test_ave_losses_equal_official(official_and_ours, ave_task_cls, background_clips):
+    official, ours, _ = official_and_ours
+    task = ave_task_cls.__new__(ave_task_cls)  # the loss needs no model: skip building a backbone
+    task.background_clips = background_clips
+    torch.manual_seed(2)
+    f_v, f_a = torch.randn(B, T, VIS_IN, dtype=torch.float64), torch.randn(B, T, AUD_IN, dtype=torch.float64)
+    # "official" mode includes a clip without any event (official video class 0); "exclude" mode only differs there.
+    events = [(3, 2, 6), (0, 0, 10), None] if background_clips == "official" else [(3, 2, 6), (0, 0, 10), (27, 5, 9)]
+    label = _labels(B, events)
+    with torch.no_grad():
+        ref = official_ave_loss(*official(f_v, f_a), _one_hot(label))
+        losses = ave_task_cls.compute_losses(task, ours(f_v, f_a), {"label": label})
+    assert set(losses) == {"loss_event", "loss_class", "loss_av"}
+    total = sum(losses.values())
+    assert total.dtype == torch.float64, "the BCE target follows the logits' dtype"
+    assert abs(total.item() - ref.item()) <= 1e-12 * abs(ref.item()), (total.item(), ref.item())
+
+
+def test_ave_losses_same_terms_without_events(ave_task_cls):
+    """A batch without any event still yields the three terms, with (zero) gradients to the class heads."""
+    task = ave_task_cls.__new__(ave_task_cls)
+    task.background_clips = "exclude"
+    scores = torch.randn(2, 28, requires_grad=True)
+    out = {"is_event": torch.randn(2, T, requires_grad=True), "event_scores": scores, "av_score": scores * 2}
+    losses = ave_task_cls.compute_losses(task, out, {"label": _labels(2, [None, None])})
+    assert set(losses) == {"loss_event", "loss_class", "loss_av"}
+    assert losses["loss_class"].item() == 0 and losses["loss_av"].item() == 0
+    sum(losses.values()).backward()
+    assert scores.grad is not None and torch.count_nonzero(scores.grad) == 0
+
+
+def test_ave_batch_size_1_without_events_under_plain_ddp(tmp_path, ave_task_cls):
+    """Plain DDP (find_unused_parameters=False) raises when a parameter got no gradient in the previous step.
+
+    Two steps on one background-only clip, then one with an event: each step must reduce every parameter.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from avmoe.models.presets import tiny_config
+    from tests.test_ave_task import TINY_HEAD, tiny_batch
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    torch.manual_seed(0)
+    task = ave_task_cls(backbone=tiny_config(), head=TINY_HEAD)
+    task.train()
+    ddp = DistributedDataParallel(task, find_unused_parameters=False)
+    batch = tiny_batch(task, b=1)
+    batch["label"][:] = BACKGROUND
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    for step in range(3):
+        if step == 2:
+            batch["label"][0, 3:5] = 4
+        _, out = ddp(batch)
+        losses = task.compute_losses(out, batch)
+        assert set(losses) == {"loss_event", "loss_class", "loss_av"}
+        ddp.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        assert all(p.grad is not None for p in trainable), "a parameter without gradient breaks plain DDP"
