@@ -143,9 +143,9 @@ _EXPERT_RULES = _rules([
 def _apply(rules: list[Rule], key: str, first_only: bool) -> Optional[str]:
     out, hit = key, False
     for pattern, repl in rules:
-        new = pattern.sub(repl, out)
-        if new != out:
-            out, hit = new, True
+        out, count = pattern.subn(repl, out)
+        if count:
+            hit = True
             if first_only:
                 break
     return out if hit else None
@@ -179,7 +179,7 @@ def _convert_adapter(rest: str, value: Tensor, num_cross: int, groups: int) -> t
     inner = _apply(_EXPERT_RULES, expert["rest"], first_only=True)
     if inner is None:
         return None, value
-    if inner.endswith(("down.weight", "up.weight")):
+    if inner in ("bottleneck.down.weight", "bottleneck.up.weight"):
         value = _grouped(value, groups)
     return f"experts.{k}.{inner}", value
 
