@@ -148,3 +148,44 @@ def test_ave_batch_size_1_without_events_under_plain_ddp(tmp_path, ave_task_cls)
         ddp.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         assert all(p.grad is not None for p in trainable), "a parameter without gradient breaks plain DDP"
+
+
+# ---- HTS-AT in train mode as the official (AVMOE/AVE/nets/htsat.py, net_trans_v3.py forward_swin) -----------------
+def test_htsat_train_mode_drop_path_on_both_branches_and_no_mlp_dropout():
+    from transformers.models.clap.modeling_clap import ClapDropPath
+
+    from avmoe.models.backbones import htsat
+    from avmoe.models.presets import tiny_config
+
+    model = htsat.build_htsat(tiny_config(audio={"drop_path_rate": 0.3}).audio)
+    layers = [layer for stage in model.audio_encoder.layers for layer in stage.blocks]
+    rates = [layer.drop_path.drop_prob if isinstance(layer.drop_path, ClapDropPath) else 0.0 for layer in layers]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3), "linear decay 0 -> drop_path_rate as the official"
+    for layer, rate in zip(layers, rates):
+        mlp_branch = layer.output.dropout
+        assert (mlp_branch.drop_prob if isinstance(mlp_branch, ClapDropPath) else 0.0) == rate
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, nn.Dropout)), "official drop_rate is 0"
+    assert isinstance(model.spec_augment, htsat.SpecAugment) and not htsat.build_htsat(
+        tiny_config(audio={"spec_augment": False}).audio).__dict__["_modules"].get("spec_augment")
+    # Drop-path on the MLP branch: in train mode, with both branches (almost surely) dropped, a block is the identity.
+    for layer in layers:
+        layer.drop_path, layer.output.dropout = ClapDropPath(1 - 1e-12), ClapDropPath(1 - 1e-12)
+    model.train()
+    x = torch.randn(2, 16, layers[0].layernorm_before.normalized_shape[0])
+    assert torch.equal(htsat.block(layers[0], x, (4, 4)), x)
+
+
+def test_htsat_spec_augment_only_in_train_mode():
+    from avmoe.models.backbones.htsat import SpecAugment
+
+    aug = SpecAugment()
+    x = torch.ones(64, 1, 101, 64)
+    assert torch.equal(aug.eval()(x), x)
+    torch.manual_seed(0)
+    y = aug.train()(x)
+    time_zero = (y == 0).all(dim=3).squeeze(1)  # (M, frames): whole time stripes zeroed
+    freq_zero = (y == 0).all(dim=2).squeeze(1)  # (M, mels)
+    assert time_zero.any() and freq_zero.any()
+    assert time_zero.sum(1).max() <= 2 * 63 and freq_zero.sum(1).max() <= 2 * 7
+    assert ((y == 0) == (time_zero[:, None, :, None] | freq_zero[:, None, None, :])).all(), "zeros only in stripes"
+    assert len({tuple(row.tolist()) for row in time_zero}) > 1, "stripes drawn per sample"

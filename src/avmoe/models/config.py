@@ -51,9 +51,14 @@ class AudioEncoderConfig:
     depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
     num_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
     window_size: int = 8
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    """Stochastic-depth rate of the last block (linear from 0), on both residual branches as the official HTS-AT;
+    only active in train mode."""
+    spec_augment: bool = True
+    """Official HTS-AT SpecAugment (2 time stripes < 64 frames, 2 mel stripes < 8 bins); only active in train mode."""
     train_mode: bool = False
-    """Reproduce the official quirk: encoder in train mode (dropout, BatchNorm statistics updates)."""
+    """Reproduce the official quirk: encoder in train mode, i.e. SpecAugment, drop-path on both residual branches
+    (``drop_path_rate``) and BatchNorm statistics updates, as ``AVMOE/AVE/nets/net_trans_v3.py``."""
     trainable: bool = False
     """Unfreeze the encoder weights (official AVS-S4 behaviour)."""
     mixup_alpha: float = 0.0
