@@ -6,6 +6,8 @@ layout by :func:`avmoe.convert_official.convert_official`, so each test checks t
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -189,3 +191,55 @@ def test_htsat_spec_augment_only_in_train_mode():
     assert time_zero.sum(1).max() <= 2 * 63 and freq_zero.sum(1).max() <= 2 * 7
     assert ((y == 0) == (time_zero[:, None, :, None] | freq_zero[:, None, None, :])).all(), "zeros only in stripes"
     assert len({tuple(row.tolist()) for row in time_zero}) > 1, "stripes drawn per sample"
+
+
+# ---- AVS: temporal gating, TPAVI, decoder (AVMOE/AVS/avs_scripts/avs_{s4,ms3}/model/PVT_AVSModel_v2.py) ------------
+@pytest.mark.parametrize("gamma", [0.05, 0.1], ids=["s4", "ms3"])
+def test_avs_head_equals_official(gamma):
+    from avmoe.convert_official import convert_head
+    from avmoe.models.heads.avs import AVSHead, AVSHeadConfig
+    from tests.official_avs import OfficialAVSHead
+
+    b, t, c, a_dim, d, ff, heads, mask = 2, 5, 8, 4, 8, 12, 2, 32
+    dims, grids, audio_in = [6, 10, 12, 14], [6, 3, 2, 1], 12
+    torch.manual_seed(0)
+    official = OfficialAVSHead(dims, audio_in, c, a_dim, d, ff, heads, t, grids, [8, 4, 2, 1], gamma).double()
+    _perturb_all(official)
+    conversion = convert_head(official.state_dict(), "avs")
+    cfg = AVSHeadConfig(channels=c, mask_size=mask, audio_dim=a_dim, gamma=gamma, temporal_d_model=d,
+                        temporal_heads=heads, temporal_ff_dim=ff)
+    ours = AVSHead(dims, audio_in, cfg).double()
+    head = {k[len("head."):]: v for k, v in conversion.state_dict.items()}
+    ours.load_state_dict(head, strict=True)
+    assert set(head) == set(ours.state_dict())
+    unused = r"(encoder_layer|path4\.resConfUnit1)"
+    assert conversion.unmatched and all(re.search(unused, k) for k in conversion.unmatched), conversion.unmatched
+    official.eval()
+    ours.eval()
+    stages = [torch.randn(b, t, g * g, dim, dtype=torch.float64) for g, dim in zip(grids, dims)]
+    audio = torch.randn(b, t, audio_in, dtype=torch.float64)
+    with torch.no_grad():
+        pred, maps, a_fea = official([x.flatten(0, 1) for x in stages], audio)
+        out = ours(stages, [(g, g) for g in grids], audio)
+    _assert_close64(out["logits"], pred.view(b, t, mask, mask), "logits")
+    for s in range(4):
+        _assert_close64(out[f"stage_map_{s}"], maps[s], f"stage_map_{s}")
+        _assert_close64(out[f"stage_audio_{s}"], a_fea[s], f"stage_audio_{s}")
+
+
+def _perturb_all(module: nn.Module) -> None:
+    """Random parameters and BatchNorm statistics (TPAVI's BN starts at zero: it would hide the whole block)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") and p.dim() == 1 else 0.0))
+        for name, buf in module.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn_like(buf) * 0.1)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand_like(buf) + 0.5)
+
+
+def _assert_close64(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    diff = (got - want).abs().max().item()
+    assert diff <= 1e-11 * max(1.0, want.abs().max().item()), f"{name}: max |diff| {diff:.3g}"

@@ -51,14 +51,14 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from avmoe.models.backbones.convert_htsat import convert_htsat_state_dict
 
-Rule = tuple["re.Pattern[str]", str]
+Rule = tuple["re.Pattern[str]", Any]
 TASKS = ("ave",)
 # Official defaults per task: HTS-AT tiny depths and the adapter skip rule (``num_skip`` in the task's train.sh).
 OFFICIAL_LAYOUT = {"ave": {"audio_depths": (2, 2, 6, 2), "num_skip": 2}}
@@ -108,6 +108,63 @@ _AVE_HEAD = _rules([
     (r"^CMBS\.localize_module\.classifier\.", "head.event_head."),
     (r"^CMBS\.localize_module\.event_classifier\.", "head.class_head."),
 ])
+
+def _stage(offset: str) -> Callable[["re.Match[str]"], str]:
+    """Replacement naming a 1-based official index (``x1_linear_``, ``tpavi_b1``, ``path1``) 0-based."""
+    return lambda m: offset.format(int(m[1]) - 1)
+
+
+_AVS_HEAD: list[tuple["re.Pattern[str]", object]] = [(re.compile(p), r) for p, r in [
+    (r"^x([1-4])_linear_\.", _stage("head.taps.{}.")),
+    (r"^audio_linear\.", "head.audio_proj."),
+    (r"^temporal_attn\.v_fc\.(\d)\.", r"head.temporal.stages.\1.v_fc."),
+    (r"^temporal_attn\.audio_visual_rnn_layer\.(\d)\.visual_rnn\.", r"head.temporal.stages.\1.v_lstm."),
+    (r"^temporal_attn\.audio_visual_rnn_layer\.(\d)\.audio_rnn\.", r"head.temporal.stages.\1.a_lstm."),
+    (r"^temporal_attn\.video_encoder\.(\d)\.affine_matrix\.", r"head.temporal.stages.\1.v_encoder.0."),
+    (r"^temporal_attn\.audio_encoder\.(\d)\.affine_matrix\.", r"head.temporal.stages.\1.a_encoder.0."),
+    (r"^temporal_attn\.video_encoder\.(\d)\.encoder\.layers\.", r"head.temporal.stages.\1.v_encoder.1.layers."),
+    (r"^temporal_attn\.audio_encoder\.(\d)\.encoder\.layers\.", r"head.temporal.stages.\1.a_encoder.1.layers."),
+    (r"^temporal_attn\.audio_gated\.(\d)\.0\.", r"head.temporal.stages.\1.audio_gate."),
+    (r"^temporal_attn\.video_gated\.(\d)\.0\.", r"head.temporal.stages.\1.video_gate."),
+    (r"^tpavi_b([1-4])\.", _stage("head.tpavi.{}.")),
+    (r"\.W_z\.0\.", ".w_z."),
+    (r"\.W_z\.1\.", ".bn."),
+    (r"\.norm_layer\.", ".norm."),
+    (r"^path([1-4])\.resConfUnit1\.", _stage("head.paths.{}.rcu1.")),
+    (r"^path([1-4])\.resConfUnit2\.", _stage("head.paths.{}.rcu2.")),
+    (r"^output_conv\.", "head.output_conv."),
+]]
+# Built by the official Pred_endecoder and never used by its forward (PVT-v2 encoder and classifiers of the
+# AVSBench original, the temporal cross-modal decoders, the skip unit of the deepest fusion block).
+_AVS_UNUSED = re.compile(r"^(encoder_backbone\.|conv[1-4]\.|x[1-4]_linear\.|temporal_attn\.(video|audio)_decoder\."
+                         r"|path4\.resConfUnit1\.)")
+
+
+def _avs_tensor(key: str, value: Tensor) -> Tensor:
+    """TPAVI 1x1x1 Conv3d -> per-frame 1x1 Conv2d; phi sees the audio broadcast over space -> a Linear."""
+    if re.search(r"^head\.tpavi\.\d\.phi\.weight$", key):
+        return value[:, :, 0, 0, 0].clone()
+    if re.search(r"^head\.tpavi\.\d\.(g|theta|w_z)\.weight$", key):
+        return value[:, :, 0].clone()
+    return value
+
+
+HEADS = {"ave": (_AVE_HEAD, True, None, lambda k, v: v), "avs": (_AVS_HEAD, False, _AVS_UNUSED, _avs_tensor)}
+
+
+def convert_head(sd: dict[str, Tensor], task: str, out: Optional[Conversion] = None) -> Conversion:
+    """Head keys of an official ``task`` state dict -> ``head.*`` (other keys are reported as unmatched)."""
+    rules, first_only, unused, tensor = HEADS[task]
+    out = out if out is not None else Conversion()
+    for key, value in sd.items():
+        if _UNUSED.search(key) or (unused is not None and unused.search(key)):
+            out.unmatched[key] = "not used by the official forward"
+        elif (new := _apply(rules, key, first_only)) is not None:
+            out.state_dict[new] = tensor(new, value)
+        else:
+            out.unmatched[key] = "no counterpart"
+    return out
+
 
 _SWIN = _rules([
     (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
@@ -212,7 +269,7 @@ def convert_official(sd: dict[str, Tensor], task: str = "ave", audio_depths: Opt
     positions = adapter_positions(audio_depths or layout["audio_depths"], num_skip or layout["num_skip"])
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}  # DataParallel prefix
     out = Conversion()
-    swin, htsat = {}, {}
+    swin, htsat, head = {}, {}, {}
     for key, value in sd.items():
         if _UNUSED.search(key):
             out.unmatched[key] = "not used by the official forward (or a buffer avmoe recomputes)"
@@ -232,10 +289,9 @@ def convert_official(sd: dict[str, Tensor], task: str = "ave", audio_depths: Opt
             s, k = positions[i]
             module = ("a" if adapter["side"] == "audio" else "v") + adapter["phase"]
             out.state_dict[f"backbone.adapters.{s}.{k}.{module}.{name}"] = tensor
-        elif (new := _apply(_AVE_HEAD, key, first_only=True)) is not None:
-            out.state_dict[new] = value
         else:
-            out.unmatched[key] = "no counterpart"
+            head[key] = value
+    convert_head(head, task, out)
     _convert_swin(swin, out, "backbone.visual_encoder.")
     audio = convert_htsat_state_dict(htsat)
     for key in sorted(k for k in htsat if _HTSAT_DROPPED.search(k)):
