@@ -243,3 +243,48 @@ def _assert_close64(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
     assert got.shape == want.shape, (name, got.shape, want.shape)
     diff = (got - want).abs().max().item()
     assert diff <= 1e-11 * max(1.0, want.abs().max().item()), f"{name}: max |diff| {diff:.3g}"
+
+
+# ---- AVQA: grounding, match MLP, question attention, fusion (AVMOE/AVQA/net_grd_avst/net_avst_v2.py) ----------
+def test_avqa_head_equals_official():
+    from avmoe.convert_official import convert_head
+    from avmoe.models.heads.avqa import AVQAHead, AVQAHeadConfig
+    from tests.official_avqa import OfficialAVQAHead
+
+    b, t, d, audio_in, vocab, answers, heads, grid, length = 3, 4, 16, 12, 11, 7, 4, 3, 6
+    torch.manual_seed(0)
+    official = OfficialAVQAHead(d, audio_in, vocab, answers, heads, grid).double()
+    _perturb_all(official)
+    conversion = convert_head(official.state_dict(), "avqa")
+    ours = AVQAHead(d, audio_in, vocab, answers, AVQAHeadConfig(num_heads=heads)).double()
+    head = {k[len("head."):]: v for k, v in conversion.state_dict.items()}
+    assert set(head) == set(ours.state_dict())
+    ours.load_state_dict(head, strict=True)
+    assert set(conversion.unmatched) == {k for k in official.state_dict() if k.startswith(("fc_a1_pure", "fc_a2_pure",
+                                                                                            "norm3"))}
+    official.eval()
+    ours.eval()
+    pos, neg = (torch.randn(b * t, grid * grid, d, dtype=torch.float64) for _ in range(2))
+    audio = torch.randn(b * t, audio_in, dtype=torch.float64)
+    question = torch.randint(0, vocab, (b, length))
+    with torch.no_grad():
+        out_qa, match_pos, match_neg = official(pos, neg, audio, question, b, t)
+        out = ours(pos.view(b, t, grid * grid, d), audio.view(b, t, audio_in), question, neg.view(b, t, -1, d))
+    _assert_close64(out["answer_logits"], out_qa, "answer_logits")
+    _assert_close64(out["match_pos"].flatten(0, 1), match_pos, "match_pos")
+    _assert_close64(out["match_neg"].flatten(0, 1), match_neg, "match_neg")
+
+    # Loss: main_avst_v2.py:102-107, batch_organize 72-86 (rows interleaved positive, negative).
+    from avmoe.tasks.avqa import AVQATask
+
+    answer = torch.randint(0, answers, (b,))
+    match = torch.stack([match_pos, match_neg], 1).reshape(2 * b * t, 2)
+    labels = torch.tensor([1, 0] * (b * t))
+    ref = nn.CrossEntropyLoss()(out_qa, answer) + 0.5 * nn.CrossEntropyLoss()(match, labels)
+    task = AVQATask.__new__(AVQATask)
+    task.match_weight = 0.5
+    with torch.no_grad():
+        losses = AVQATask.compute_losses(task, out, {"answer": answer})
+    total = sum(losses.values())
+    assert set(losses) == {"loss_qa", "loss_match"}
+    assert total.dtype == torch.float64 and abs(total.item() - ref.item()) <= 1e-12 * ref.item(), (total, ref)

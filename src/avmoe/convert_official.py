@@ -149,7 +149,33 @@ def _avs_tensor(key: str, value: Tensor) -> Tensor:
     return value
 
 
-HEADS = {"ave": (_AVE_HEAD, True, None, lambda k, v: v), "avs": (_AVS_HEAD, False, _AVS_UNUSED, _avs_tensor)}
+_AVQA_HEAD = _rules([
+    (r"^fc_a1\.", "head.audio_fc1."),
+    (r"^fc_a2\.", "head.audio_fc2."),
+    (r"^fc_gl\.", "head.grounding_fc."),
+    (r"^fc1\.", "head.match.0."),
+    (r"^fc2\.", "head.match.2."),
+    (r"^fc3\.", "head.match.4."),
+    (r"^fc4\.", "head.match.6."),
+    (r"^question_encoder\.word2vec\.", "head.question_encoder.embed."),
+    (r"^question_encoder\.lstm\.", "head.question_encoder.lstm."),
+    (r"^question_encoder\.fc\.", "head.question_encoder.fc."),
+    (r"^attn_v\.", "head.visual_attn.attn."),
+    (r"^linear11\.", "head.visual_attn.ff1."),
+    (r"^linear12\.", "head.visual_attn.ff2."),
+    (r"^norm1\.", "head.visual_attn.norm."),
+    (r"^attn_a\.", "head.audio_attn.attn."),
+    (r"^linear21\.", "head.audio_attn.ff1."),
+    (r"^linear22\.", "head.audio_attn.ff2."),
+    (r"^norm2\.", "head.audio_attn.norm."),
+    (r"^fc_fusion\.", "head.fusion."),
+    (r"^fc_ans\.", "head.classifier."),
+])
+_AVQA_UNUSED = re.compile(r"^(fc_a1_pure\.|fc_a2_pure\.|norm3\.)")  # AVQA_Fusion_Net builds them, never calls them
+
+
+HEADS = {"ave": (_AVE_HEAD, True, None, lambda k, v: v), "avs": (_AVS_HEAD, False, _AVS_UNUSED, _avs_tensor),
+         "avqa": (_AVQA_HEAD, True, _AVQA_UNUSED, lambda k, v: v)}
 
 
 def convert_head(sd: dict[str, Tensor], task: str, out: Optional[Conversion] = None) -> Conversion:
