@@ -288,3 +288,40 @@ def test_avqa_head_equals_official():
     total = sum(losses.values())
     assert set(losses) == {"loss_qa", "loss_match"}
     assert total.dtype == torch.float64 and abs(total.item() - ref.item()) <= 1e-12 * ref.item(), (total, ref)
+
+
+# ---- AVVP: MGN (AVMOE/AVVP/nets/mgn.py, nets/grouping.py) ---------------------------------------------------------
+@pytest.mark.parametrize("assign", ["soft", "hard"])
+def test_avvp_mgn_head_equals_official(assign):
+    from avmoe.convert_official import convert_head
+    from avmoe.models.heads.avvp import AVVPHeadConfig, MGNHead
+    from tests.official_avvp import OfficialMGNHead
+
+    t, dim, heads, v_in, a_in, st, classes = 10, 16, 4, 20, 12, 6, 25
+    torch.manual_seed(0)
+    official = OfficialMGNHead(v_in, a_in, st, dim, heads, (2, 2, 3), classes, t, assign, assign).double()
+    _perturb_all(official)
+    conversion = convert_head(official.state_dict(), "avvp")
+    cfg = AVVPHeadConfig(dim=dim, num_heads=heads, depth_audio=2, depth_visual=2, depth_av=3, st_dim=st,
+                         unimodal_assign=assign, crossmodal_assign=assign)
+    ours = MGNHead(v_in, a_in, cfg).double()
+    head = {k[len("head."):]: v for k, v in conversion.state_dict.items()}
+    assert set(head) == set(ours.state_dict()) and not conversion.unmatched
+    ours.load_state_dict(head, strict=True)
+    official.eval()
+    ours.eval()
+    b = 2  # the official forward takes one clip at a time (batch size 1): run it per clip
+    visual, audio = torch.randn(b, t, v_in, dtype=torch.float64), torch.randn(b, t, a_in, dtype=torch.float64)
+    visual_st = torch.randn(b, t, st, dtype=torch.float64)
+    with torch.no_grad():
+        out = ours(visual, audio, visual_st)
+        for i in range(b):
+            ref = official(audio[i:i + 1], visual[i:i + 1], visual_st[i:i + 1])
+            aud_cls, vis_cls, global_prob, a_prob, v_prob, a_frame, v_frame = ref
+            _assert_close64(out["global_prob"][i:i + 1], global_prob, "global_prob")
+            _assert_close64(out["audio_prob"][i:i + 1], a_prob, "audio_prob")
+            _assert_close64(out["visual_prob"][i:i + 1], v_prob, "visual_prob")
+            _assert_close64(out["audio_seg_prob"][i:i + 1], a_frame.transpose(1, 2), "audio_seg_prob")
+            _assert_close64(out["visual_seg_prob"][i:i + 1], v_frame.transpose(1, 2), "visual_seg_prob")
+            _assert_close64(out["audio_cls_logits"], aud_cls, "audio_cls_logits")
+            _assert_close64(out["visual_cls_logits"], vis_cls, "visual_cls_logits")

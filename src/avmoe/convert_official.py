@@ -174,8 +174,20 @@ _AVQA_HEAD = _rules([
 _AVQA_UNUSED = re.compile(r"^(fc_a1_pure\.|fc_a2_pure\.|norm3\.)")  # AVQA_Fusion_Net builds them, never calls them
 
 
+_AVVP_HEAD = _rules([
+    (r"^(audio|visual)_token$", r"head.\1_token.weight"),
+    (r"^(fc_a|fc_v|fc_st|fc_fusion|fc_prob|fc_prob_a|fc_prob_v|fc_cls|audio_cug|visual_cug|av_mcg)\.", r"head.\1."),
+    (r"\.han_encoder\.", ".han."),
+    (r"\.(mlp|mlp_inter|mlp_channels)\.fc1\.", r".\1.0."),
+    (r"\.(mlp|mlp_inter|mlp_channels)\.fc2\.", r".\1.2."),
+    (r"\.([qkv])_proj\.", r".\1."),
+])
+
+
 HEADS = {"ave": (_AVE_HEAD, True, None, lambda k, v: v), "avs": (_AVS_HEAD, False, _AVS_UNUSED, _avs_tensor),
-         "avqa": (_AVQA_HEAD, True, _AVQA_UNUSED, lambda k, v: v)}
+         "avqa": (_AVQA_HEAD, True, _AVQA_UNUSED, lambda k, v: v),
+         "avvp": (_AVVP_HEAD, False, None, lambda k, v: v)}
+_FUSED_QKV = re.compile(r"^(?P<base>.+\.attn\.)qkv\.(?P<kind>weight|bias)$")  # MGN AttnBlock: rows q, k, v
 
 
 def convert_head(sd: dict[str, Tensor], task: str, out: Optional[Conversion] = None) -> Conversion:
@@ -186,7 +198,11 @@ def convert_head(sd: dict[str, Tensor], task: str, out: Optional[Conversion] = N
         if _UNUSED.search(key) or (unused is not None and unused.search(key)):
             out.unmatched[key] = "not used by the official forward"
         elif (new := _apply(rules, key, first_only)) is not None:
-            out.state_dict[new] = tensor(new, value)
+            if (fused := _FUSED_QKV.match(new)) is not None:
+                for name, part in zip("qkv", value.chunk(3, dim=0)):
+                    out.state_dict[f"{fused['base']}{name}.{fused['kind']}"] = part.clone()
+            else:
+                out.state_dict[new] = tensor(new, value)
         else:
             out.unmatched[key] = "no counterpart"
     return out
