@@ -189,17 +189,26 @@ def official_ave_loss(is_event_scores: Tensor, event_scores: Tensor, av_score: T
 
 class ExpertAdapter(nn.Module):
     """net_trans_v3.py:296-435, ``adapter_kind="bottleneck"`` with ``is_before_layernorm=1``,
-    ``is_post_layernorm=1``, ``is_self_attention=0`` (``AVMOE/AVE/train.sh``)."""
+    ``is_post_layernorm=1``, ``is_self_attention=0`` (``AVMOE/AVE/train.sh``); ``uni`` adds the other tasks'
+    unimodal experts (``AVMOE/AVVP/nets/mgn.py`` ``ExpertAdapter``, ``AVMOE/AVS/avs_scripts/avs_s4/model/
+    PVT_AVSModel_v2.py`` ``ExpertAdapter``)."""
 
     def __init__(self, input_dim: int, output_dim: int, reduction_factor: int, num_conv_group: int, use_bn: bool,
-                 use_gate: bool, num_tk: int, is_multimodal: bool) -> None:
+                 use_gate: bool, num_tk: int, is_multimodal: bool, uni: str = "linear") -> None:
         super().__init__()
-        self.use_bn, self.is_multimodal = use_bn, is_multimodal
+        self.use_bn, self.is_multimodal, self.uni = use_bn, is_multimodal, uni
         self.gate = nn.Parameter(torch.zeros(1)) if use_gate else None
         down = input_dim // reduction_factor
         if is_multimodal:
             self.my_tokens = nn.Parameter(torch.rand((num_tk, input_dim)))
             self.gate_av = nn.Parameter(torch.zeros(1))
+        elif uni == "param_free":  # AVMOE/AVVP/nets/mgn.py:81-83
+            self.gate_av = nn.Parameter(torch.zeros(1))
+        elif uni == "mha":  # AVS PVT_AVSModel_v2.py:140-142 (self_attention_version v1)
+            self.self_attention = nn.MultiheadAttention(input_dim, num_heads=4, dropout=0.2)
+        elif uni == "latent":  # AVS PVT_AVSModel_v2.py:143-145 (self_attention_version v2)
+            self.my_tokens = nn.Parameter(torch.rand((num_tk, input_dim)))
+            self.gate_self = nn.Parameter(torch.zeros(1))
         self.down_sampler = nn.Conv2d(input_dim, down, 1, groups=num_conv_group, bias=False)
         self.up_sampler = nn.Conv2d(down, output_dim, 1, groups=num_conv_group, bias=False)
         if use_bn:
@@ -214,6 +223,20 @@ class ExpertAdapter(nn.Module):
             att_tk2x = F.softmax(torch.bmm(x.squeeze(-1).permute(0, 2, 1), rep_token.permute(0, 2, 1)), dim=-1)
             x_res = torch.bmm(att_tk2x, rep_token).permute(0, 2, 1).unsqueeze(-1)
             x = x + self.gate_av * x_res.contiguous()
+        elif self.uni == "param_free":  # mgn.py:134-139
+            x_squ = x.squeeze(-1)
+            att_tk2x = F.softmax(torch.bmm(x_squ.permute(0, 2, 1), x_squ), dim=-1)
+            x = x + self.gate_av * torch.bmm(x_squ, att_tk2x).unsqueeze(-1).contiguous()
+        elif self.uni == "mha":  # PVT_AVSModel_v2.py:211-214: sequence axis = frames (M), as nn.MHA is seq-first
+            x = x.squeeze(-1).permute(0, 2, 1)
+            x, _ = self.self_attention(x, x, x)
+            x = x.permute(0, 2, 1).unsqueeze(-1)
+        elif self.uni == "latent":  # PVT_AVSModel_v2.py:215-227
+            rep_token = self.my_tokens.expand(x.size(0), -1, -1)
+            att_v2tk = F.softmax(torch.bmm(rep_token, x.squeeze(-1)), dim=-1)
+            rep_token = rep_token + torch.bmm(att_v2tk, x.squeeze(-1).permute(0, 2, 1))
+            att_tk2x = F.softmax(torch.bmm(x.squeeze(-1).permute(0, 2, 1), rep_token.permute(0, 2, 1)), dim=-1)
+            x = x + self.gate_self * torch.bmm(att_tk2x, rep_token).permute(0, 2, 1).unsqueeze(-1).contiguous()
         x = self.ln_before(x.squeeze(-1).permute(0, 2, 1)).permute(0, 2, 1).unsqueeze(-1)
         z = self.down_sampler(x)
         if self.use_bn:
@@ -230,14 +253,14 @@ class ExpertAdapter(nn.Module):
 class MoEAdapter(nn.Module):  # net_trans_v3.py:438-487
     def __init__(self, input_dim: int, reduction_factor: int, num_conv_group: int, use_bn: bool, use_gate: bool,
                  num_tk: int, conv_dim_in: int, conv_dim_out: int, linear_in: int, linear_out: int,
-                 num_multimodal_experts: int = 1, num_singlemodal_experts: int = 1) -> None:
+                 num_multimodal_experts: int = 1, num_singlemodal_experts: int = 1, uni: str = "linear") -> None:
         super().__init__()
         self.conv_adapter = nn.Conv2d(conv_dim_in, conv_dim_out, kernel_size=1)
         self.fc = nn.Linear(linear_in, linear_out)
         args = (input_dim, input_dim, reduction_factor, num_conv_group, use_bn, use_gate, num_tk)
         self.multimodal_experts = nn.ModuleList([ExpertAdapter(*args, is_multimodal=True)
                                                  for _ in range(num_multimodal_experts)])
-        self.singlemodal_experts = nn.ModuleList([ExpertAdapter(*args, is_multimodal=False)
+        self.singlemodal_experts = nn.ModuleList([ExpertAdapter(*args, is_multimodal=False, uni=uni)
                                                   for _ in range(num_singlemodal_experts)])
         self.router = nn.Sequential(nn.Linear(input_dim + linear_out, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(),
                                     nn.Linear(32, num_multimodal_experts + num_singlemodal_experts))

@@ -55,7 +55,8 @@ class TPAVIModule(nn.Module):  # TPAVI.py 6-153, mode="dot", dimension=3, bn_lay
         self.align_channel = nn.Linear(audio_dim, in_channels)
         self.norm_layer = nn.LayerNorm(in_channels)
         self.g = nn.Conv3d(in_channels, self.inter_channels, kernel_size=1)
-        self.W_z = nn.Sequential(nn.Conv3d(self.inter_channels, in_channels, kernel_size=1), nn.BatchNorm3d(in_channels))
+        self.W_z = nn.Sequential(nn.Conv3d(self.inter_channels, in_channels, kernel_size=1),
+                                 nn.BatchNorm3d(in_channels))
         self.theta = nn.Conv3d(in_channels, self.inter_channels, kernel_size=1)
         self.phi = nn.Conv3d(in_channels, self.inter_channels, kernel_size=1)
 

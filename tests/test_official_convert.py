@@ -43,21 +43,37 @@ def test_adapter_positions_follow_the_official_index():
     assert len(adapter_positions((2, 2, 6, 2), 1)) == 12
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_moe_adapter_converted_equals_official(training):
+# (official unimodal expert, avmoe AdapterConfig.uni_expert, official attribute prefix, use_bn, training)
+ADAPTER_CASES = [
+    ("linear", "linear", "audio_moe_adapter_blocks_p2", True, False),  # AVE (train.sh)
+    ("linear", "linear", "audio_moe_adapter_blocks_p2", True, True),  # BatchNorm batch statistics
+    ("param_free", "param_free", "audio_adapter_blocks_p2", False, True),  # AVVP (is_bn 0)
+    ("mha", "mha_frames", "vis_moe_adapter_blocks_p2", True, False),  # AVS-S4 (self_attention_version v1)
+    ("latent", "latent", "vis_moe_adapter_blocks_p2", True, True),  # AVS-MS3 (v2)
+    ("linear", "linear", "vis_adapter_blocks_p2", True, False),  # AVQA
+]
+
+
+@pytest.mark.parametrize("uni, variant, prefix, use_bn, training", ADAPTER_CASES,
+                         ids=[f"{c[0]}-{c[2].split('_')[0]}-{'train' if c[4] else 'eval'}" for c in ADAPTER_CASES])
+def test_moe_adapter_converted_equals_official(uni, variant, prefix, use_bn, training):
     torch.manual_seed(0)
-    M, CA, NA, CV, NV = 4, 16, 6, 24, 9  # frames, audio width/tokens (this side), visual width/tokens (other side)
-    official = OfficialMoEAdapter(CA, reduction_factor=4, num_conv_group=2, use_bn=True, use_gate=True, num_tk=5,
-                                  conv_dim_in=NV, conv_dim_out=NA, linear_in=CV, linear_out=CA).double()
+    M, CA, NA, CV, NV = 4, 16, 6, 24, 9  # frames, this side's width/tokens, the other side's width/tokens
+    official = OfficialMoEAdapter(CA, reduction_factor=4, num_conv_group=2, use_bn=use_bn, use_gate=True, num_tk=5,
+                                  conv_dim_in=NV, conv_dim_out=NA, linear_in=CV, linear_out=CA, uni=uni).double()
     _randomise(official)
-    sd = {f"audio_moe_adapter_blocks_p2.3.{k}": v for k, v in official.state_dict().items()}
+    sd = {f"{prefix}.3.{k}": v for k, v in official.state_dict().items()}
     conversion = convert_official(sd, "ave")
     s, k = adapter_positions((2, 2, 6, 2), 2)[3]
-    prefix = f"backbone.adapters.{s}.{k}.a2."
-    assert all(key.startswith(prefix) for key in conversion.state_dict) and not conversion.unmatched
-    cfg = AdapterConfig(num_latents=5, reduction=4, conv_groups=2, use_bn=True)
+    module = ("a" if prefix.startswith("audio") else "v") + "2"
+    target = f"backbone.adapters.{s}.{k}.{module}."
+    assert all(key.startswith(target) for key in conversion.state_dict) and not conversion.unmatched
+    cfg = AdapterConfig(num_latents=5, reduction=4, conv_groups=2, use_bn=use_bn, uni_expert=variant,
+                        mha_heads=4, mha_dropout=0.0 if training else 0.2)
     ours = MoEAdapter(CA, CV, NA, NV, cfg, gated=True).double()
-    ours.load_state_dict({key[len(prefix):]: v for key, v in conversion.state_dict.items()}, strict=True)
+    ours.load_state_dict({key[len(target):]: v for key, v in conversion.state_dict.items()}, strict=True)
+    if training and uni == "mha":
+        official.singlemodal_experts[0].self_attention.dropout = 0.0
     official.train(training)
     ours.train(training)
     x, other = torch.randn(M, NA, CA, dtype=torch.float64), torch.randn(M, NV, CV, dtype=torch.float64) * 0.2
@@ -112,7 +128,7 @@ def _qkv(sd: dict[str, Tensor], kinds: tuple[str, ...]) -> dict[str, Tensor]:
     return out
 
 
-def _official_backbone(task) -> dict[str, Tensor]:
+def _official_backbone(task, prefix: str = "moe_adapter_blocks") -> dict[str, Tensor]:
     sd = task.state_dict()
     vis = {k[len("backbone.visual_encoder."):]: v for k, v in sd.items() if k.startswith("backbone.visual_encoder.")}
     vis = _qkv(vis, ("weight",))  # Swin-V2 qkv has no bias; q_bias / v_bias are separate parameters
@@ -120,7 +136,8 @@ def _official_backbone(task) -> dict[str, Tensor]:
     aud = {k[len("backbone.audio_encoder.audio_encoder."):]: v for k, v in sd.items()
            if k.startswith("backbone.audio_encoder.audio_encoder.")}
     official |= {"htsat." + _rename(k, _TO_HTSAT): v for k, v in _qkv(aud, ("weight", "bias")).items()}
-    index = {pos: i for i, pos in enumerate(adapter_positions((2, 2, 6, 2), 2))}
+    cfg = task.backbone_config
+    index = {pos: i for i, pos in enumerate(adapter_positions(cfg.audio.depths, cfg.adapter.num_skip))}
     for key, v in sd.items():
         m = re.match(r"^backbone\.adapters\.(\d+)\.(\d+)\.([av])([12])\.(.+)$", key)
         if m is None:
@@ -140,29 +157,56 @@ def _official_backbone(task) -> dict[str, Tensor]:
             g, o, i = v.shape
             rest, v = rest.replace("bottleneck.down", "down_sampler").replace("bottleneck.up", "up_sampler"), \
                 v.reshape(g * o, i, 1, 1)
-        official[f"{side}_moe_adapter_blocks_p{m[4]}.{index[(int(m[1]), int(m[2]))]}.{rest}"] = v
+        official[f"{side}_{prefix}_p{m[4]}.{index[(int(m[1]), int(m[2]))]}.{rest}"] = v
     return official
 
 
-def test_official_ave_checkpoint_through_init_from(tmp_path):
+def _ave_case():
+    from avmoe.models.heads.ave import AVEHeadConfig
     from avmoe.tasks.ave import AVETask
 
-    cfg = tiny_config()  # the tiny preset's HTS-AT depths and num_skip place the adapters
-    depths = tuple(cfg.audio.depths)
     head_cfg = AVEHeadConfig(visual_dim=32, audio_dim=8, d_model=16, num_heads=2, ff_dim=32, num_layers=2)
+    official_head = lambda dims: OfficialAVEHead(dims["visual"], dims["audio"], 32, 8, 16, 32, 2)  # noqa: E731
+    return (lambda cfg: AVETask(backbone=cfg, head=head_cfg)), official_head, "moe_adapter_blocks"
+
+
+def _avvp_case():
+    from avmoe.models.heads.avvp import AVVPHeadConfig
+    from avmoe.tasks.avvp import AVVPTask
+    from tests.official_avvp import OfficialMGNHead
+
+    head_cfg = AVVPHeadConfig(dim=16, num_heads=4, depth_audio=1, depth_visual=1, depth_av=2, st_dim=6)
+    official_head = lambda dims: OfficialMGNHead(dims["visual"], dims["audio"], 6, 16, 4, (1, 1, 2))  # noqa: E731
+    return (lambda cfg: AVVPTask(backbone=cfg, head=head_cfg)), official_head, "adapter_blocks"
+
+
+def _backbone_config(task: str):
+    if task == "ave":
+        return tiny_config()
+    from avmoe.models.presets import paper_adapter
+
+    adapter = paper_adapter("avvp")  # official AVVP adapters: parameter-free unimodal expert, no BN, every stage
+    adapter.num_latents, adapter.reduction, adapter.router_hidden = 4, 4, [16, 8]
+    return tiny_config(adapter=adapter)
+
+
+@pytest.mark.parametrize("task", ["ave", "avvp"])
+def test_official_checkpoint_through_init_from(tmp_path, task):
+    cfg = _backbone_config(task)
     torch.manual_seed(0)
-    source = AVETask(backbone=cfg, head=head_cfg)
-    _randomise(source.backbone.adapters)
+    build, make_official_head, prefix = (_ave_case if task == "ave" else _avvp_case)()
+    source = build(cfg)
     dims = source.backbone.feature_dims
-    official_head = OfficialAVEHead(dims["visual"], dims["audio"], 32, 8, 16, 32, 2)
+    official_head = make_official_head(dims)
+    _randomise(source.backbone.adapters)
     _randomise(official_head)
-    official = _official_backbone(source) | official_head.state_dict()
+    official = _official_backbone(source, prefix) | official_head.state_dict()
     official["swin.head.weight"] = torch.zeros(3, dims["visual"])  # timm classifier: no counterpart
     official["htsat.spectrogram_extractor.stft.conv_real.weight"] = torch.zeros(2, 1, 4)
     src, dst = tmp_path / "official.pt", tmp_path / "converted.pt"
     torch.save({f"module.{k}": v for k, v in official.items()}, src)  # DataParallel-saved, as the official may be
     lines: list[str] = []
-    conversion = main(["--task", "ave", str(src), str(dst), "--audio-depths", *map(str, depths),
+    conversion = main(["--task", task, str(src), str(dst), "--audio-depths", *map(str, cfg.audio.depths),
                        "--num-skip", str(cfg.adapter.num_skip)], log=lines.append)
     assert {"swin.head.weight", "htsat.spectrogram_extractor.stft.conv_real.weight"} <= set(conversion.unmatched)
     unused = r"(encoder_layer|decoder_layer|self_attn|head\.|spectrogram)"
@@ -170,20 +214,27 @@ def test_official_ave_checkpoint_through_init_from(tmp_path):
     assert "without counterpart" in lines[0] and lines[-1] == f"wrote {dst}"
 
     torch.manual_seed(1)
-    target = AVETask(backbone=cfg, head=head_cfg)
+    target = build(cfg)
     init_weights(target, str(dst), strict=True)  # every avmoe tensor comes from the official checkpoint
     want = source.state_dict()
     for key, value in target.state_dict().items():
         if key.startswith("backbone."):
             assert torch.equal(value, want[key]), key
-    feats_v, feats_a = torch.randn(2, 10, dims["visual"]), torch.randn(2, 10, dims["audio"])
+    feats_v, feats_a = torch.randn(1, 10, dims["visual"]), torch.randn(1, 10, dims["audio"])
     target.eval()
     official_head.eval()
     with torch.no_grad():
-        ref = official_head(feats_v, feats_a)
-        out = target.head(feats_v, feats_a)
-    for name, r in zip(("is_event", "event_scores", "av_score"), ref):
-        torch.testing.assert_close(out[name], r, rtol=1e-5, atol=1e-5)
+        if task == "ave":
+            ref = official_head(feats_v, feats_a)
+            out = target.head(feats_v, feats_a)
+            pairs = zip((out["is_event"], out["event_scores"], out["av_score"]), ref)
+        else:
+            st = torch.randn(1, 10, 6)
+            ref = official_head(feats_a, feats_v, st)
+            out = target.head(feats_v, feats_a, st)
+            pairs = zip((out["global_prob"], out["audio_seg_prob"]), (ref[2], ref[5].transpose(1, 2)))
+    for got, want_out in pairs:
+        torch.testing.assert_close(got, want_out, rtol=1e-5, atol=1e-5)
 
 
 def test_load_official_refuses_non_tensor_pickles(tmp_path):
@@ -194,4 +245,4 @@ def test_load_official_refuses_non_tensor_pickles(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_official(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="not covered"):
-        convert_official({}, "avqa")
+        convert_official({}, "vggsound")

@@ -1,17 +1,24 @@
 """Convert a checkpoint of the official AVMoE code into avmoe's layout, for ``--run.init_from``.
 
-The official code (yingchengy/AVMOE) saves ``model.state_dict()`` of its ``MMIL_Net``
-(``AVMOE/AVE/main_trans_v3.py``, ``torch.save(model.state_dict(), ...)``): ``swin.*`` (timm 0.6.12
-Swin-V2), ``htsat.*`` (the HTS-AT code), ``{audio,vis}_moe_adapter_blocks_{p1,p2}.<i>.*`` (the MoE adapters, ``i``
-counting the adapter positions in order) and the head. This module renames and reshapes those tensors into the
-keys of the matching avmoe task; the result loads with ``--run.init_from``::
+The official code (yingchengy/AVMOE) saves ``model.state_dict()`` of its task model (``MMIL_Net`` in
+``AVMOE/AVE/main_trans_v3.py`` and ``AVMOE/AVVP/main.py``, ``Pred_endecoder`` in ``AVMOE/AVS/avs_scripts/*/
+train_v2.py``, ``AVQA_Fusion_Net`` in ``AVMOE/AVQA/net_grd_avst/main_avst_v2.py``): ``swin.*`` (timm 0.6.12
+Swin-V2), ``htsat.*`` (the HTS-AT code), ``{audio,vis}_[moe_]adapter_blocks_{p1,p2}.<i>.*`` (the MoE adapters,
+``i`` counting the adapter positions in order) and the head. This module renames and reshapes those tensors into
+the keys of the matching avmoe task; the result loads with ``--run.init_from``::
 
-    python -m avmoe.convert_official --task ave best_model.pt ave_official.pt
-    lightning fit --config lightning_configs/ave.yaml --run.init_from ave_official.pt
+    python -m avmoe.convert_official --task ave official_ave.pt ave_avmoe.pt
+    lightning fit --config lightning_configs/ave.yaml --run.init_from ave_avmoe.pt
+    python -m avmoe.convert_official --task avvp official_avvp.pt avvp_avmoe.pt      # lightning_configs/avvp.yaml
+    python -m avmoe.convert_official --task avs_s4 official_s4.pt s4_avmoe.pt        # lightning_configs/avs_s4.yaml
+    python -m avmoe.convert_official --task avs_ms3 official_ms3.pt ms3_avmoe.pt     # lightning_configs/avs_ms3.yaml
+    python -m avmoe.convert_official --task avqa official_avqa.pt avqa_avmoe.pt      # lightning_configs/avqa.yaml
 
-Covered: ``--task ave`` (``MMIL_Net`` of ``AVMOE/AVE/nets/net_trans_v3.py`` with ``is_cmbs=1``,
-``is_temporal_att=1``, ``is_inter_in_cmbs=0`` as in ``AVMOE/AVE/train.sh``; load it into an ``AVETask`` whose
-``head.decoder`` is ``cmbs``, the default). Other tasks are not covered yet.
+Tested end to end (official-layout state dict -> CLI -> ``init_weights`` strict -> outputs equal to the
+transcriptions of the official heads): ``ave`` (CMBS head; ``head.decoder: cmbs``, the default) and ``avvp``
+(MGN head, with the R(2+1)D projection: ``head.st_dim: 512``). ``avs_s4``, ``avs_ms3`` and ``avqa`` are converted
+from the same tested parts (encoders, every adapter variant, the head key maps) but not run end to end here. The
+AVQA recipe's starting point (LAVisH's grounding checkpoint) has another layout and is not covered.
 
 Keys without a counterpart are reported, never silently dropped: the decoder layers' ``self_attn`` and the
 ``encoder_layer`` / ``decoder_layer`` templates (built by the official code, never called), the timm classifier
@@ -59,9 +66,16 @@ from torch import Tensor
 from avmoe.models.backbones.convert_htsat import convert_htsat_state_dict
 
 Rule = tuple["re.Pattern[str]", Any]
-TASKS = ("ave",)
-# Official defaults per task: HTS-AT tiny depths and the adapter skip rule (``num_skip`` in the task's train.sh).
-OFFICIAL_LAYOUT = {"ave": {"audio_depths": (2, 2, 6, 2), "num_skip": 2}}
+# Official defaults per task: HTS-AT tiny depths and the adapter skip rule (``num_skip`` of the task's train script;
+# AVVP's forward has no skip rule: adapters at every block).
+OFFICIAL_LAYOUT = {  # num_cross / conv_groups: num_multimodal_experts / num_conv_group of the official run
+    "ave": {"audio_depths": (2, 2, 6, 2), "num_skip": 2, "num_cross": 1, "conv_groups": 2, "head": "ave"},
+    "avvp": {"audio_depths": (2, 2, 6, 2), "num_skip": 1, "num_cross": 1, "conv_groups": 2, "head": "avvp"},
+    "avs_s4": {"audio_depths": (2, 2, 6, 2), "num_skip": 1, "num_cross": 1, "conv_groups": 2, "head": "avs"},
+    "avs_ms3": {"audio_depths": (2, 2, 6, 2), "num_skip": 2, "num_cross": 2, "conv_groups": 2, "head": "avs"},
+    "avqa": {"audio_depths": (2, 2, 6, 2), "num_skip": 1, "num_cross": 1, "conv_groups": 4, "head": "avqa"},
+}
+TASKS = tuple(OFFICIAL_LAYOUT)
 
 
 @dataclass
@@ -224,11 +238,10 @@ _SWIN = _rules([
     (r"\.mlp\.fc2\.", ".output.dense."),
 ])
 
-_ADAPTER = re.compile(r"^(?P<side>audio|vis)_moe_adapter_blocks_p(?P<phase>[12])\.(?P<i>\d+)\.(?P<rest>.+)$")
+# AVE / AVS: ``{audio,vis}_moe_adapter_blocks_p*``; AVVP / AVQA: ``{audio,vis}_adapter_blocks_p*``.
+_ADAPTER = re.compile(r"^(?P<side>audio|vis)_(moe_)?adapter_blocks_p(?P<phase>[12])\.(?P<i>\d+)\.(?P<rest>.+)$")
 _EXPERT = re.compile(r"^(?P<kind>multimodal|singlemodal)_experts\.(?P<j>\d+)\.(?P<rest>.+)$")
-_EXPERT_RULES = _rules([
-    (r"^my_tokens$", "fusion.tokens"),
-    (r"^gate_av$", "fusion.gate"),
+_SHARED_EXPERT = [
     (r"^gate$", "gate"),
     (r"^down_sampler\.weight$", "bottleneck.down.weight"),
     (r"^up_sampler\.weight$", "bottleneck.up.weight"),
@@ -236,7 +249,16 @@ _EXPERT_RULES = _rules([
     (r"^bn2\.", "bottleneck.bn_up."),
     (r"^ln_before\.", "bottleneck.ln_before."),
     (r"^ln_post\.", "bottleneck.ln_post."),
-])
+]
+_EXPERT_RULES = {
+    # cross-modal expert: latent tokens attending to the other modality
+    "multimodal": _rules([(r"^my_tokens$", "fusion.tokens"), (r"^gate_av$", "fusion.gate"), *_SHARED_EXPERT]),
+    # unimodal expert variants: AVVP's parameter-free self-attention (gate_av), AVS-S4's MultiheadAttention over
+    # frames (self_attention, ``self_attention_version v1``), AVS-MS3's latent tokens (``v2``: my_tokens, gate_self)
+    "singlemodal": _rules([(r"^gate_av$", "gate_av"), (r"^self_attention\.", "mha."),
+                           (r"^my_tokens$", "self_attention.tokens"), (r"^gate_self$", "self_attention.gate"),
+                           *_SHARED_EXPERT]),
+}
 
 
 def _apply(rules: list[Rule], key: str, first_only: bool) -> Optional[str]:
@@ -275,7 +297,7 @@ def _convert_adapter(rest: str, value: Tensor, num_cross: int, groups: int) -> t
     if expert is None:
         return None, value
     k = int(expert["j"]) + (0 if expert["kind"] == "multimodal" else num_cross)
-    inner = _apply(_EXPERT_RULES, expert["rest"], first_only=True)
+    inner = _apply(_EXPERT_RULES[expert["kind"]], expert["rest"], first_only=True)
     if inner is None:
         return None, value
     if inner in ("bottleneck.down.weight", "bottleneck.up.weight"):
@@ -299,16 +321,20 @@ def _convert_swin(sd: dict[str, Tensor], out: Conversion, prefix: str) -> None:
 
 
 def convert_official(sd: dict[str, Tensor], task: str = "ave", audio_depths: Optional[Sequence[int]] = None,
-                     num_skip: Optional[int] = None, num_cross_experts: int = 1, conv_groups: int = 2) -> Conversion:
+                     num_skip: Optional[int] = None, num_cross_experts: Optional[int] = None,
+                     conv_groups: Optional[int] = None) -> Conversion:
     """Map an official ``MMIL_Net`` state dict of ``task`` to avmoe task keys.
 
     ``audio_depths`` / ``num_skip`` place the official adapter indices (defaults: the task's official values);
-    ``num_cross_experts`` is ``num_multimodal_experts`` and ``conv_groups`` is ``num_conv_group`` of the official run.
+    ``num_cross_experts`` is ``num_multimodal_experts`` and ``conv_groups`` is ``num_conv_group`` of the official run
+    (defaults: the task's official values, ``OFFICIAL_LAYOUT``).
     """
     if task not in TASKS:
         raise ValueError(f"convert_official: task {task!r} is not covered (covered: {', '.join(TASKS)})")
     layout = OFFICIAL_LAYOUT[task]
     positions = adapter_positions(audio_depths or layout["audio_depths"], num_skip or layout["num_skip"])
+    num_cross_experts = num_cross_experts if num_cross_experts is not None else layout["num_cross"]
+    conv_groups = conv_groups if conv_groups is not None else layout["conv_groups"]
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}  # DataParallel prefix
     out = Conversion()
     swin, htsat, head = {}, {}, {}
@@ -333,7 +359,7 @@ def convert_official(sd: dict[str, Tensor], task: str = "ave", audio_depths: Opt
             out.state_dict[f"backbone.adapters.{s}.{k}.{module}.{name}"] = tensor
         else:
             head[key] = value
-    convert_head(head, task, out)
+    convert_head(head, layout["head"], out)
     _convert_swin(swin, out, "backbone.visual_encoder.")
     audio = convert_htsat_state_dict(htsat)
     for key in sorted(k for k in htsat if _HTSAT_DROPPED.search(k)):
@@ -364,8 +390,8 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], object] = pr
     parser.add_argument("dst", help="output state dict for --run.init_from")
     parser.add_argument("--audio-depths", type=int, nargs="+", default=None, help="HTS-AT depths (official: 2 2 6 2)")
     parser.add_argument("--num-skip", type=int, default=None, help="official num_skip (AVE: 2)")
-    parser.add_argument("--num-multimodal-experts", type=int, default=1)
-    parser.add_argument("--num-conv-group", type=int, default=2)
+    parser.add_argument("--num-multimodal-experts", type=int, default=None, help="official value of the task")
+    parser.add_argument("--num-conv-group", type=int, default=None, help="official value of the task")
     args = parser.parse_args(argv)
     conversion = convert_official(load_official(args.src), args.task, args.audio_depths, args.num_skip,
                                   args.num_multimodal_experts, args.num_conv_group)
