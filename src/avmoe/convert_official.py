@@ -323,7 +323,7 @@ def _convert_swin(sd: dict[str, Tensor], out: Conversion, prefix: str) -> None:
 def convert_official(sd: dict[str, Tensor], task: str = "ave", audio_depths: Optional[Sequence[int]] = None,
                      num_skip: Optional[int] = None, num_cross_experts: Optional[int] = None,
                      conv_groups: Optional[int] = None) -> Conversion:
-    """Map an official ``MMIL_Net`` state dict of ``task`` to avmoe task keys.
+    """Map the state dict of an official ``task`` model (``MMIL_Net``, ``Pred_endecoder``, ...) to avmoe task keys.
 
     ``audio_depths`` / ``num_skip`` place the official adapter indices (defaults: the task's official values);
     ``num_cross_experts`` is ``num_multimodal_experts`` and ``conv_groups`` is ``num_conv_group`` of the official run
