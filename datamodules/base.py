@@ -184,6 +184,9 @@ class AVDataModule(LightningDataModule, ABC):
         seed: Optional[int] = None,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
         # A checkpoint's hparams hold ``audio`` as a dict (see below); accept it back.
         audio = audio if isinstance(audio, LogMelConfig) else LogMelConfig(**dict(audio))
         self.save_hyperparameters()

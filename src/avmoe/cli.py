@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from jsonargparse import set_docstring_parse_options
+from jsonargparse import Namespace, set_docstring_parse_options
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
@@ -34,6 +34,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import avmoe.datamodules  # noqa: F401  (registers the DataModule subclasses for class_path shorthands)
 import avmoe.tasks  # noqa: F401
+from avmoe.errors import DEBUG_ENV, debug_enabled, user_error_message
+from avmoe.ckpt_hparams import describe_overrides, merge_hparams
 from avmoe.callbacks.checkpointing import ExceptionCheckpoint, LatestCheckpoint, latest_checkpoint
 from avmoe.callbacks.metrics_json import MetricsJSON
 from avmoe.callbacks.progress import default_progress_bar
@@ -42,6 +44,7 @@ from avmoe.datamodules.base import AVDataModule
 from avmoe.tasks.base import AVTask
 
 SIGTERM_EXIT_CODE = 143
+CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")  # resolved by Lightning, not files
 HELP_FLAGS = ("-h", "--help", "--print_config=comments")
 
 
@@ -124,28 +127,52 @@ class AVMoECLI(LightningCLI):
             extra.append(default_progress_bar())
         return extra
 
-    def _parse_ckpt_path(self) -> None:
-        """Merge a checkpoint's hyper-parameters into the model config (so ``test --ckpt_path x.ckpt`` rebuilds
-        the trained architecture), as stock LightningCLI does, but for our tasks.
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        self._given_args = sys.argv[1:] if args is None else args  # for _user_model_args
+        super().parse_arguments(parser, args)
 
-        Stock LightningCLI validates them against the base class (``AVTask``) in subclass mode unless they hold a
-        ``_class_path``; ours are plain init-argument dicts, so it failed with "Option 'head...' is not accepted".
-        Here the class comes from ``_class_path`` if present, else from the config, and only its ``__init__``
-        arguments are merged.
+    def _user_model_args(self, subcommand: str) -> dict[str, Any]:
+        """The model options the user gave (config files, flags, environment), without any default."""
+        args = self._given_args
+        if isinstance(args, (dict, Namespace)):
+            given = dict(args).get(subcommand, {}) or {}
+            model = dict(given).get("model") or {}
+        else:
+            args = [str(a) for a in args]
+            rest = args[args.index(subcommand) + 1:] if subcommand in args else args
+            model = self._subcommand_parsers[subcommand].parse_args(rest, defaults=False).get("model") or {}
+        return model.as_dict() if isinstance(model, Namespace) else dict(model)
+
+    def _parse_ckpt_path(self) -> None:
+        """Rebuild the trained architecture from ``--ckpt_path``'s hyper-parameters, as defaults only.
+
+        Class defaults < the checkpoint's hyper-parameters < what the user gave (config file, flag): an eval switch
+        or a moved weights folder given on the command line wins, and each override of a stored value is printed
+        (stock LightningCLI merges the checkpoint over the command line and silently drops them). The class comes
+        from the user's config, else from the checkpoint's ``_class_path``; only its ``__init__`` arguments are
+        merged (stock LightningCLI validates against ``AVTask`` and fails on plain init-argument dicts).
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in CKPT_PATH_KEYWORDS and "://" not in ckpt_path \
+                and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
+        stored_class = hparams.pop("_class_path", None)
+        given = self._user_model_args(subcommand)
         model_cfg = self.config[subcommand].get("model")
-        class_path = hparams.pop("_class_path", None) or (model_cfg.get("class_path") if model_cfg else None)
+        class_path = given.get("class_path") or stored_class or (model_cfg.get("class_path") if model_cfg else None)
         if not hparams or not class_path:
             return
         module, _, name = class_path.rpartition(".")
         accepted = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
-        init_args = {k: v for k, v in hparams.items() if k in accepted}
+        init_args, overrides = merge_hparams({k: v for k, v in hparams.items() if k in accepted},
+                                             given.get("init_args") or {})
+        if overrides:
+            rank_zero_info(describe_overrides(ckpt_path, overrides))
         update = {subcommand: {"model": {"class_path": class_path, "init_args": init_args}}}
         try:
             self.config = self.parser.parse_object(update, self.config)
@@ -240,6 +267,17 @@ def cli_main(args: ArgsType = None) -> None:
     except SIGTERMException:
         # Lightning 2.6.6 turns SIGTERM into a clean exit (code 0); requeue wrappers need to see the kill.
         sys.exit(SIGTERM_EXIT_CODE)
+    except Exception as err:  # noqa: BLE001 - only errors the user caused are shortened, the rest re-raised
+        _exit_on_user_error(err)
+        raise
+
+
+def _exit_on_user_error(err: BaseException) -> None:
+    """A missing root / weights folder / checkpoint or a bad option: one line on stderr and exit code 1."""
+    message = None if debug_enabled() else user_error_message(err)
+    if message is not None:
+        sys.stderr.write(f"error: {message}\n(set {DEBUG_ENV}=1 for the full traceback)\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
