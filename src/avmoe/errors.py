@@ -12,8 +12,8 @@ from typing import Optional
 
 DEBUG_ENV = "AVMOE_DEBUG"
 # What a user fixes in the config or on disk, not in the code.
-USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                                 PermissionError)
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError,
+                                                 IsADirectoryError, PermissionError)
 # jsonargparse reports an exception raised while instantiating a class of a ``Optional[Base]`` argument (our model
 # and data) as a ValueError listing, per union member, a message; the original exception is not chained.
 _UNION_ERROR = "Does not validate against any of the Union subtypes"

@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal, Optional, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -326,7 +327,10 @@ class AVTask(LightningModule):
         """Gather every rank's records (padding removed by index) and write the file once, on rank zero."""
         records = gather_records(self._prediction_records, self.trainer.world_size)
         if records and self.trainer.is_global_zero:
-            write_json_atomic(self.prediction_path(), self.prediction_payload(records), indent=1)
+            payload = {"checkpoint": str(Path(self.trainer.ckpt_path).resolve()) if self.trainer.ckpt_path else None,
+                       **self.prediction_payload(records)}
+            write_json_atomic(self.prediction_path(), payload, indent=1)
+            rank_zero_info(f"predict: {len(records)} predictions written to {self.prediction_path()}")
         self._prediction_records = []
 
     # ---- optimisation -----------------------------------------------------------------------------------
