@@ -43,9 +43,17 @@ from avmoe.callbacks.seeding import StepSeeding
 from avmoe.ckpt_hparams import describe_overrides, merge_hparams
 from avmoe.datamodules.base import AVDataModule
 from avmoe.errors import DEBUG_ENV, debug_enabled, user_error_message
+from avmoe.quiet import quiet_known_warnings
 from avmoe.tasks.base import AVTask
 
 SIGTERM_EXIT_CODE = 143
+CLI_DESCRIPTION = """avmoe: AVMoE audio-visual learning (AVE, AVVP, AVS, AVQA) on PyTorch Lightning.
+
+Subcommands: fit (train; --run.resume auto continues a run), validate, test, predict (--ckpt_path CKPT; predict
+also takes --data.init_args.predict_dir DIR of your own mp4 files). '<subcommand> --help' lists every option,
+'<subcommand> --config lightning_configs/demo.yaml --print_config' the resolved config. Each run lives in
+<run.root>/<run.name>: config.yaml, checkpoints/, metrics/, router_usage/, parameters.json, metrics.csv and
+TensorBoard events. AVMOE_DEBUG=1 shows full tracebacks."""
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")  # resolved by Lightning, not files
 HELP_FLAGS = ("-h", "--help", "--print_config=comments")
 
@@ -57,6 +65,7 @@ class RunConfig:
     name: str = "default"
     """Run folder name: config.yaml, TensorBoard events, checkpoints/ and metrics/ go to <root>/<name>."""
     root: str = "runs"
+    """Folder holding the run folders."""
     resume: Literal["never", "auto", "must"] = "never"
     """fit only: auto resumes from the run's newest checkpoint (checkpoints/last.ckpt, checkpoints/on_exception.ckpt,
     hpc_ckpt_*.ckpt) when there is one and starts fresh otherwise; must fails when there is none.
@@ -109,7 +118,7 @@ class AVMoECLI(LightningCLI):
         run = self.run_config
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = run_loggers(run)
+            kwargs["logger"] = run_loggers(run) if self.subcommand in (None, "fit") else False
         kwargs.setdefault("default_root_dir", str(run.folder))
         return super().instantiate_trainer(**kwargs)
 
@@ -254,7 +263,10 @@ def resolve_best_checkpoint(config: Any, run: RunConfig) -> None:
 
 
 def run_loggers(run: RunConfig) -> list[Any]:
-    """TensorBoard events and ``metrics.csv`` (plot curves without TensorBoard), both in the run folder itself."""
+    """fit's TensorBoard events and ``metrics.csv`` (plot curves without TensorBoard), in the run folder itself.
+
+    validate / test / predict log nothing by default: their record is ``metrics/<subcommand>_<split>.json`` (and
+    ``predictions/``), and a logger would rewrite the fit's ``metrics.csv`` and ``hparams.yaml``."""
     return [TensorBoardLogger(save_dir=run.root, name=run.name, version="", default_hp_metric=False),
             CSVLogger(save_dir=run.root, name=run.name, version="")]
 
@@ -331,6 +343,7 @@ def cli_main(args: ArgsType = None) -> None:
     wants_help = isinstance(argv, (list, tuple)) and any(
         str(a) in HELP_FLAGS or str(a).split("=")[0].endswith(".help") for a in argv)  # also --model.help X
     set_docstring_parse_options(attribute_docstrings=wants_help)
+    quiet_known_warnings()
     try:
         AVMoECLI(
             AVTask,
@@ -339,7 +352,8 @@ def cli_main(args: ArgsType = None) -> None:
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=True,  # --optimizer / --lr_scheduler replace the task's optim defaults
-            parser_kwargs={"default_env": True},
+            parser_kwargs={"default_env": True, "description": CLI_DESCRIPTION,
+                           "prog": _prog()},
             args=args,
         )
     except SIGTERMException:
@@ -349,6 +363,12 @@ def cli_main(args: ArgsType = None) -> None:
         if args is None:  # the console scripts; a call from Python (args given) keeps its exception
             _exit_on_user_error(err)
         raise
+
+
+def _prog() -> str:
+    """``lightning`` / ``avmoe`` as invoked; ``python -m avmoe`` for the module form."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "avmoe"
+    return "python -m avmoe" if name == "__main__.py" else name
 
 
 def _exit_on_user_error(err: BaseException) -> None:

@@ -1,0 +1,245 @@
+"""The run folder through the real CLI (subprocesses): records never overwritten, flags that win over a
+checkpoint, refusing to clobber a run, one-line user errors, and what users look at (router usage, parameters,
+CSV, learning rate). One fit is shared by every assertion (module-scoped fixture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import tiny_fit_args
+
+LIMITS = {"trainer.limit_train_batches": 2, "trainer.limit_val_batches": 2, "trainer.limit_test_batches": 2}
+
+
+def avmoe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m avmoe ARGS`` as a user runs it (the console-script path, errors shortened)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("AVMOE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "avmoe", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def fitted(ave_release, tmp_path_factory) -> dict[str, Any]:
+    """A 1-epoch fit with test_after_fit, SGD through --optimizer (2 train batches)."""
+    work = tmp_path_factory.mktemp("cli_run")
+    runs = work / "runs"
+    fit_args = tiny_fit_args(ave_release, runs, name="r", **{"run.test_after_fit": "true", **LIMITS})
+    proc = _ok(avmoe("fit", *fit_args, "--optimizer=torch.optim.SGD", "--optimizer.lr=0.0123",
+                     "--optimizer.momentum=0.5", cwd=work))
+    folder = runs / "r"
+    return {"work": work, "runs": runs, "folder": folder, "fit_args": fit_args, "proc": proc,
+            "config": (folder / "config.yaml").read_bytes(), "best": folder / "checkpoints" / "best.ckpt"}
+
+
+@pytest.fixture(scope="module")
+def tested(fitted, ave_release) -> dict[str, Any]:
+    """``test --ckpt_path best`` with an eval switch in a second config file and a flag."""
+    work, folder = fitted["work"], fitted["folder"]
+    extra = work / "eval.yaml"
+    extra.write_text("model:\n  init_args:\n    unimodal: {eval_correctness: false}\n")
+    args = [a for a in fitted["fit_args"] if "test_after_fit" not in a and "max_epochs" not in a]
+    proc = _ok(avmoe("test", *args, "--config", str(extra), f"--ckpt_path={fitted['best']}",
+                     "--model.init_args.head.dropout=0.5", cwd=work))
+    return {"proc": proc, "metrics": _json(folder / "metrics" / "test_test.json")}
+
+
+def test_user_config_and_flags_win_over_checkpoint_hparams(fitted, tested):
+    out = tested["proc"].stdout + tested["proc"].stderr
+    assert "model.init_args.unimodal.eval_correctness: True (checkpoint) -> False" in out
+    assert "model.init_args.head.dropout: 0.1 (checkpoint) -> 0.5" in out
+    metrics = tested["metrics"]["metrics"]
+    assert "test/acc" in metrics
+    assert "test/unimodal_audio" not in metrics, "the eval switch from the config file was discarded"
+    assert "test/unimodal_audio" in _json(fitted["folder"] / "metrics" / "test.json")["metrics"]
+
+
+def test_moved_weights_folder_is_used_and_missing_one_is_one_clear_line(fitted, tmp_path):
+    """``--...visual.pretrained NEWPATH`` reaches the model (the checkpoint said None); a missing folder says so."""
+    moved = tmp_path / "weights_elsewhere"
+    args = [a for a in fitted["fit_args"] if "max_epochs" not in a]
+    proc = avmoe("test", *args, f"--ckpt_path={fitted['best']}",
+                 f"--model.init_args.backbone.visual.pretrained={moved}", cwd=fitted["work"])
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert f"backbone.visual.pretrained: folder '{moved}' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Repo id" not in proc.stderr
+    assert "AVMOE_DEBUG=1" in proc.stderr
+
+
+def test_evaluation_never_overwrites_the_fit_record(fitted, tested):
+    folder = fitted["folder"]
+    assert (folder / "config.yaml").read_bytes() == fitted["config"], "test replaced the fit's config.yaml"
+    assert "ckpt_path:" in (folder / "config.test.yaml").read_text()
+    best = torch.load(fitted["best"], map_location="cpu", weights_only=True, mmap=True)
+    record = tested["metrics"]
+    assert record["checkpoint"] == str(fitted["best"].resolve())
+    assert (record["epoch"], record["global_step"]) == (best["epoch"], best["global_step"]) != (0, 0)
+    after_fit = _json(folder / "metrics" / "test.json")  # run.test_after_fit: the best checkpoint's position
+    assert after_fit["checkpoint"] == str(fitted["best"].resolve())
+    assert (after_fit["epoch"], after_fit["global_step"]) == (best["epoch"], best["global_step"])
+    assert _json(folder / "metrics" / "val.json")["subcommand"] == "fit"
+
+
+def test_rerunning_an_existing_run_refuses_and_names_the_choices(fitted):
+    last = fitted["folder"] / "checkpoints" / "last.ckpt"
+    before = last.stat().st_mtime_ns
+    proc = avmoe("fit", *fitted["fit_args"], cwd=fitted["work"])
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    err = proc.stderr
+    assert "already holds a run" in err and "--run.resume auto" in err and "--run.name" in err
+    assert "--run.overwrite true" in err and "Traceback" not in err
+    assert last.stat().st_mtime_ns == before
+
+
+def test_optimizer_flag_replaces_the_default_and_lr_is_logged(fitted):
+    ckpt = torch.load(fitted["folder"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == pytest.approx(0.0123) and group["momentum"] == 0.5 and "betas" not in group
+    header = (fitted["folder"] / "metrics.csv").read_text().splitlines()[0].split(",")  # fit's, kept by test
+    assert "lr-SGD" in header and "val/acc" in header and "router/0.0.a1/e0_weight" in header
+
+
+def test_checkpoint_monitor_is_in_the_saved_config(fitted):
+    import yaml
+
+    cfg = yaml.safe_load(fitted["config"])
+    assert cfg["checkpoint"]["monitor"] == "val/acc" and cfg["checkpoint"]["mode"] == "max"
+    assert cfg["checkpoint"]["dirpath"] == str(fitted["folder"] / "checkpoints")
+    assert cfg["run"]["router_usage"] is True and cfg["optimizer"]["class_path"] == "torch.optim.SGD"
+
+
+def test_parameter_breakdown_replaces_the_flops_summary_and_benign_warnings_are_filtered(fitted):
+    out = fitted["proc"].stdout + fitted["proc"].stderr
+    assert "Parameters of AVETask" in out and "FLOPs" not in out
+    for benign in ("LeafSpec", "litlogger", "in eval mode at the start of training", "exists and is not empty"):
+        assert benign not in out, benign
+    parts = _json(fitted["folder"] / "parameters.json")
+    assert parts["visual encoder"]["trainable"] == 0 and parts["visual encoder"]["frozen"] > 0
+    assert parts["MoE adapters"]["trainable"] > 0 and parts["head"]["trainable"] > 0
+    assert parts["total"]["trainable"] == sum(p["trainable"] for k, p in parts.items() if k != "total")
+
+
+def test_router_usage_json_and_tensorboard_heat_map(fitted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    usage = _json(fitted["folder"] / "router_usage" / "train.json")
+    assert usage["experts"] == ["cross0", "uni0"] and len(usage["modules"]) == 16  # 2 stages x 2 positions x 4
+    epoch = usage["epochs"][-1]
+    for kind in ("weight", "top1"):
+        rows = torch.tensor(epoch[kind])
+        assert rows.shape == (16, 2) and torch.allclose(rows.sum(1), torch.ones(16), atol=1e-3)
+    assert (fitted["folder"] / "router_usage" / "val.json").is_file()
+    events = EventAccumulator(str(fitted["folder"]), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert "router/train_weight" in events.Tags()["images"]
+    assert "router/0.0.a1/e0_weight" in events.Tags()["scalars"]
+
+
+def test_per_class_results_in_the_metrics_json(fitted, tested):
+    for record in (_json(fitted["folder"] / "metrics" / "test.json"), tested["metrics"]):
+        per_class = record["details"]["per_class_acc"]
+        assert "background" in per_class and all(0.0 <= v <= 1.0 for v in per_class.values())
+        assert set(per_class) <= {*__import__("avmoe.datamodules.ave", fromlist=["x"]).AVE_CATEGORIES, "background"}
+
+
+def test_predict_on_a_folder_of_own_videos(fitted, ave_release, tmp_path):
+    """``--data.init_args.predict_dir``: every mp4 of a folder, no release root needed, scores per file."""
+    mine = tmp_path / "my videos"
+    mine.mkdir()
+    sources = sorted((ave_release / "AVE").glob("*.mp4"))[:3]
+    for i, src in enumerate(sources):
+        (mine / f"holiday_{i}.mp4").write_bytes(src.read_bytes())
+    (mine / "notes.txt").write_text("not a video")
+    args = [a for a in fitted["fit_args"] if "max_epochs" not in a and "data.init_args.root" not in a]
+    proc = _ok(avmoe("predict", *args, "--data.init_args.root=/nowhere", f"--ckpt_path={fitted['best']}",
+                     f"--data.init_args.predict_dir={mine}", cwd=fitted["work"]))
+    path = fitted["folder"] / "predictions" / "ave_predictions.json"
+    assert f"3 predictions written to {path}" in proc.stdout + proc.stderr
+    payload = _json(path)
+    assert payload["checkpoint"] == str(fitted["best"].resolve())
+    records = payload["predictions"]
+    assert [r["video_id"] for r in records] == ["holiday_0", "holiday_1", "holiday_2"]
+    for r in records:
+        assert len(r["segments"]) == len(r["segment_event_prob"]) == 10 and 0.0 <= r["event_score"] <= 1.0
+        assert all((p > 0.5) == (s != "background") for p, s in zip(r["segment_event_prob"], r["segments"])
+                   if abs(p - 0.5) > 1e-3)
+
+
+# ------------------------------------------------------------------------------------------ in-process, cheap
+def _help(*args: str) -> str:
+    import io
+    from contextlib import redirect_stdout
+    from unittest import mock
+
+    from avmoe.cli import cli_main
+
+    out = io.StringIO()
+    with pytest.raises(SystemExit), redirect_stdout(out), mock.patch("sys.argv", ["lightning"]):
+        cli_main(list(args))
+    return out.getvalue()
+
+
+def test_top_level_help_names_avmoe_and_its_subcommands():
+    text = " ".join(_help("--help").split())
+    assert text.startswith("usage: lightning") and "avmoe: AVMoE audio-visual learning" in text
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in text
+    assert "AVMOE_DEBUG=1" in text
+
+
+@pytest.mark.parametrize("task", ["AVETask", "AVVPTask", "AVSTask", "AVQATask"])
+def test_every_model_option_has_a_description(task):
+    import re
+
+    options: dict[str, str] = {}
+    current = None
+    for line in _help("fit", "--model.help", f"avmoe.tasks.{task}").splitlines():
+        match = re.match(r"^\s+(--model\.\S+)(.*)$", line)
+        if match:
+            current = match.group(1)
+            options[current] = match.group(2)
+        elif current and not re.match(r"^\s+ENV:", line):
+            options[current] += " " + line
+    assert len(options) > 30
+    undocumented = [name for name, text in options.items()
+                    if not re.sub(r"\((type|default): [^)]*\)|\{[^}]*\}|\S+_?[A-Z]+\b", "", text).strip()]
+    assert not undocumented, undocumented
+
+
+def test_missing_avqa_root_says_the_root_is_missing(tmp_path):
+    from avmoe.datamodules.musicavqa import MusicAVQADataModule
+
+    dm = MusicAVQADataModule(root=str(tmp_path / "no_avqa"), num_workers=0)
+    with pytest.raises(FileNotFoundError, match=r"MUSIC-AVQA root .*no_avqa does not exist"):
+        dm.vocab
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback():
+    from avmoe.errors import user_error_message
+
+    wrapped = ValueError("Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n"
+                         "  - Expected a <class 'NoneType'>\n  - data.batch_size must be a positive integer, got 0\n"
+                         "Given value type: <class 'jsonargparse._namespace.Namespace'>")
+    assert user_error_message(wrapped) == "data.batch_size must be a positive integer, got 0"
+    assert user_error_message(FileNotFoundError("--ckpt_path x.ckpt: no such checkpoint file")).startswith("--ckpt")
+    assert user_error_message(RuntimeError("shape mismatch in the head")) is None
+    from avmoe.datamodules.ave import AVEDataModule
+
+    with pytest.raises(ValueError, match="data.batch_size must be a positive integer, got 0"):
+        AVEDataModule(root="x", batch_size=0)
