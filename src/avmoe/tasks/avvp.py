@@ -179,6 +179,10 @@ class AVVPTask(AVTask):
                             "events": events})
         return records
 
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        names = self.class_names()
+        return {k: {names[c]: v for c, v in d.items()} for k, d in details.items()}
+
     def class_names(self) -> list[str]:
         """LLP's 25 event names when the head has 25 classes, else ``class_<i>``."""
         n = self.head_config.num_classes

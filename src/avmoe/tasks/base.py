@@ -48,7 +48,9 @@ OMITTED_KEY = "omitted_frozen_prefixes"  # checkpoint entry naming the encoder w
 
 @dataclass
 class OptimConfig:
-    """Adam on the trainable parameters with an optional per-epoch StepLR (the official recipe)."""
+    """Adam on the trainable parameters with an optional per-epoch StepLR (the official recipe).
+
+    The command line's ``--optimizer`` / ``--lr_scheduler`` (LightningCLI) replace it entirely when given."""
 
     lr: float = 5e-4
     """Adam learning rate."""
