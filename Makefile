@@ -19,7 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -m pip install -q -e ".[test]"
+	@# The editable finder reports "Editable installation ... folders with the same name as your package" for the
+	@# package_dir mapping avmoe.datamodules = datamodules/ (deliberate: see setup.cfg); nothing to act on.
+	@PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 
 demo: install  ## write the synthetic AVE release (if absent), train a tiny AVMoE on the CPU, test it

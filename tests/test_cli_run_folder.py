@@ -19,12 +19,21 @@ from tests.helpers import tiny_fit_args
 LIMITS = {"trainer.limit_train_batches": 2, "trainer.limit_val_batches": 2, "trainer.limit_test_batches": 2}
 
 
-def avmoe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def start(*args: str, cwd: Path) -> subprocess.Popen:
     """``python -m avmoe ARGS`` as a user runs it (the console-script path, errors shortened)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("AVMOE_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "avmoe", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.Popen([sys.executable, "-m", "avmoe", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def avmoe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return finish(start(*args, cwd=cwd))
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -50,19 +59,43 @@ def fitted(ave_release, tmp_path_factory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def tested(fitted, ave_release) -> dict[str, Any]:
-    """``test --ckpt_path best`` with an eval switch in a second config file and a flag."""
+def after_fit(fitted, ave_release) -> dict[str, Any]:
+    """The commands run on the fitted run folder, concurrently (each is mostly start-up):
+
+    - ``test --ckpt_path best`` with an eval switch in a second config file and a flag;
+    - ``test`` with a moved (here: missing) weights folder;
+    - ``fit`` again without resume;
+    - ``predict`` on a folder of "own" videos (copies of three release clips under other names).
+    """
     work, folder = fitted["work"], fitted["folder"]
     extra = work / "eval.yaml"
     extra.write_text("model:\n  init_args:\n    unimodal: {eval_correctness: false}\n")
-    args = [a for a in fitted["fit_args"] if "test_after_fit" not in a and "max_epochs" not in a]
-    proc = _ok(avmoe("test", *args, "--config", str(extra), f"--ckpt_path={fitted['best']}",
-                     "--model.init_args.head.dropout=0.5", cwd=work))
-    return {"proc": proc, "metrics": _json(folder / "metrics" / "test_test.json")}
+    mine = work / "my videos"
+    mine.mkdir()
+    for i, src in enumerate(sorted((ave_release / "AVE").glob("*.mp4"))[:3]):
+        (mine / f"holiday_{i}.mp4").write_bytes(src.read_bytes())
+    (mine / "notes.txt").write_text("not a video")
+    base = [a for a in fitted["fit_args"] if "test_after_fit" not in a and "max_epochs" not in a]
+    best = f"--ckpt_path={fitted['best']}"
+    last_mtime = (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    procs = {
+        "test": start("test", *base, "--config", str(extra), best, "--model.init_args.head.dropout=0.5", cwd=work),
+        "moved": start("test", *base, best, f"--model.init_args.backbone.visual.pretrained={work / 'moved'}",
+                       cwd=work),
+        "refit": start("fit", *fitted["fit_args"], cwd=work),
+        "predict": start("predict", *[a for a in base if "data.init_args.root" not in a], best,
+                         "--data.init_args.root=/nowhere", f"--data.init_args.predict_dir={mine}", cwd=work),
+    }
+    done = {name: finish(proc) for name, proc in procs.items()}
+    _ok(done["test"])
+    return {**done, "metrics": _json(folder / "metrics" / "test_test.json"), "last_mtime": last_mtime,
+            "moved_path": work / "moved"}
 
 
-def test_user_config_and_flags_win_over_checkpoint_hparams(fitted, tested):
-    out = tested["proc"].stdout + tested["proc"].stderr
+@pytest.mark.slow
+def test_user_config_and_flags_win_over_checkpoint_hparams(fitted, after_fit):
+    tested = after_fit
+    out = tested["test"].stdout + tested["test"].stderr
     assert "model.init_args.unimodal.eval_correctness: True (checkpoint) -> False" in out
     assert "model.init_args.head.dropout: 0.1 (checkpoint) -> 0.5" in out
     metrics = tested["metrics"]["metrics"]
@@ -71,19 +104,19 @@ def test_user_config_and_flags_win_over_checkpoint_hparams(fitted, tested):
     assert "test/unimodal_audio" in _json(fitted["folder"] / "metrics" / "test.json")["metrics"]
 
 
-def test_moved_weights_folder_is_used_and_missing_one_is_one_clear_line(fitted, tmp_path):
+@pytest.mark.slow
+def test_moved_weights_folder_is_used_and_missing_one_is_one_clear_line(after_fit):
     """``--...visual.pretrained NEWPATH`` reaches the model (the checkpoint said None); a missing folder says so."""
-    moved = tmp_path / "weights_elsewhere"
-    args = [a for a in fitted["fit_args"] if "max_epochs" not in a]
-    proc = avmoe("test", *args, f"--ckpt_path={fitted['best']}",
-                 f"--model.init_args.backbone.visual.pretrained={moved}", cwd=fitted["work"])
+    proc = after_fit["moved"]
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
-    assert f"backbone.visual.pretrained: folder '{moved}' does not exist" in proc.stderr
+    assert f"backbone.visual.pretrained: folder '{after_fit['moved_path']}' does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr and "Repo id" not in proc.stderr
     assert "AVMOE_DEBUG=1" in proc.stderr
 
 
-def test_evaluation_never_overwrites_the_fit_record(fitted, tested):
+@pytest.mark.slow
+def test_evaluation_never_overwrites_the_fit_record(fitted, after_fit):
+    tested = after_fit
     folder = fitted["folder"]
     assert (folder / "config.yaml").read_bytes() == fitted["config"], "test replaced the fit's config.yaml"
     assert "ckpt_path:" in (folder / "config.test.yaml").read_text()
@@ -97,17 +130,17 @@ def test_evaluation_never_overwrites_the_fit_record(fitted, tested):
     assert _json(folder / "metrics" / "val.json")["subcommand"] == "fit"
 
 
-def test_rerunning_an_existing_run_refuses_and_names_the_choices(fitted):
-    last = fitted["folder"] / "checkpoints" / "last.ckpt"
-    before = last.stat().st_mtime_ns
-    proc = avmoe("fit", *fitted["fit_args"], cwd=fitted["work"])
+@pytest.mark.slow
+def test_rerunning_an_existing_run_refuses_and_names_the_choices(fitted, after_fit):
+    proc = after_fit["refit"]
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
     err = proc.stderr
     assert "already holds a run" in err and "--run.resume auto" in err and "--run.name" in err
     assert "--run.overwrite true" in err and "Traceback" not in err
-    assert last.stat().st_mtime_ns == before
+    assert (fitted["folder"] / "checkpoints" / "last.ckpt").stat().st_mtime_ns == after_fit["last_mtime"]
 
 
+@pytest.mark.slow
 def test_optimizer_flag_replaces_the_default_and_lr_is_logged(fitted):
     ckpt = torch.load(fitted["folder"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     group = ckpt["optimizer_states"][0]["param_groups"][0]
@@ -116,6 +149,7 @@ def test_optimizer_flag_replaces_the_default_and_lr_is_logged(fitted):
     assert "lr-SGD" in header and "val/acc" in header and "router/0.0.a1/e0_weight" in header
 
 
+@pytest.mark.slow
 def test_checkpoint_monitor_is_in_the_saved_config(fitted):
     import yaml
 
@@ -125,6 +159,7 @@ def test_checkpoint_monitor_is_in_the_saved_config(fitted):
     assert cfg["run"]["router_usage"] is True and cfg["optimizer"]["class_path"] == "torch.optim.SGD"
 
 
+@pytest.mark.slow
 def test_parameter_breakdown_replaces_the_flops_summary_and_benign_warnings_are_filtered(fitted):
     out = fitted["proc"].stdout + fitted["proc"].stderr
     assert "Parameters of AVETask" in out and "FLOPs" not in out
@@ -136,6 +171,7 @@ def test_parameter_breakdown_replaces_the_flops_summary_and_benign_warnings_are_
     assert parts["total"]["trainable"] == sum(p["trainable"] for k, p in parts.items() if k != "total")
 
 
+@pytest.mark.slow
 def test_router_usage_json_and_tensorboard_heat_map(fitted):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -151,24 +187,19 @@ def test_router_usage_json_and_tensorboard_heat_map(fitted):
     assert "router/0.0.a1/e0_weight" in events.Tags()["scalars"]
 
 
-def test_per_class_results_in_the_metrics_json(fitted, tested):
+@pytest.mark.slow
+def test_per_class_results_in_the_metrics_json(fitted, after_fit):
+    tested = after_fit
     for record in (_json(fitted["folder"] / "metrics" / "test.json"), tested["metrics"]):
         per_class = record["details"]["per_class_acc"]
         assert "background" in per_class and all(0.0 <= v <= 1.0 for v in per_class.values())
         assert set(per_class) <= {*__import__("avmoe.datamodules.ave", fromlist=["x"]).AVE_CATEGORIES, "background"}
 
 
-def test_predict_on_a_folder_of_own_videos(fitted, ave_release, tmp_path):
+@pytest.mark.slow
+def test_predict_on_a_folder_of_own_videos(fitted, after_fit):
     """``--data.init_args.predict_dir``: every mp4 of a folder, no release root needed, scores per file."""
-    mine = tmp_path / "my videos"
-    mine.mkdir()
-    sources = sorted((ave_release / "AVE").glob("*.mp4"))[:3]
-    for i, src in enumerate(sources):
-        (mine / f"holiday_{i}.mp4").write_bytes(src.read_bytes())
-    (mine / "notes.txt").write_text("not a video")
-    args = [a for a in fitted["fit_args"] if "max_epochs" not in a and "data.init_args.root" not in a]
-    proc = _ok(avmoe("predict", *args, "--data.init_args.root=/nowhere", f"--ckpt_path={fitted['best']}",
-                     f"--data.init_args.predict_dir={mine}", cwd=fitted["work"]))
+    proc = _ok(after_fit["predict"])
     path = fitted["folder"] / "predictions" / "ave_predictions.json"
     assert f"3 predictions written to {path}" in proc.stdout + proc.stderr
     payload = _json(path)
@@ -179,6 +210,7 @@ def test_predict_on_a_folder_of_own_videos(fitted, ave_release, tmp_path):
         assert len(r["segments"]) == len(r["segment_event_prob"]) == 10 and 0.0 <= r["event_score"] <= 1.0
         assert all((p > 0.5) == (s != "background") for p, s in zip(r["segment_event_prob"], r["segments"])
                    if abs(p - 0.5) > 1e-3)
+    assert (fitted["folder"] / "config.predict.yaml").is_file()
 
 
 # ------------------------------------------------------------------------------------------ in-process, cheap
