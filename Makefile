@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.avmoe-installed
 DEMO_DATA ?= data/demo_ave
 PYTEST_ARGS ?=
-# Test worker processes (pytest-xdist); `make test PYTEST_WORKERS=0` runs serially in one process.
+# Test worker processes (pytest-xdist); `make test PYTEST_WORKERS=0` runs serially in one process. loadgroup keeps
+# the tests of one `xdist_group` (sharing an expensive module fixture) on one worker.
 PYTEST_WORKERS ?= 2
 # One intra-op thread per process: on a 2-core box the DataLoader workers (or the second DDP rank) need the other
 # core, and tiny models gain nothing from threads (2 threads made the demo ~10x slower through oversubscription).
@@ -41,10 +42,10 @@ demo-avqa: install  ## AVQA: synthetic MUSIC-AVQA release in data/demo_avqa, lig
 	$(VENV)/bin/lightning fit --config lightning_configs/demo_avqa.yaml --run.overwrite true
 
 test: install  ## the whole suite (CPU; slow and 2-process DDP tests included)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install  ## the suite without slow / DDP tests
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow and not ddp" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow and not ddp" $(PYTEST_ARGS)
 
 clean:  ## remove runs, every demo's data and caches (keeps the venv)
 	rm -rf runs $(DEMO_DATA) data/demo_ave data/demo_llp data/demo_avs_s4 data/demo_avqa .pytest_cache

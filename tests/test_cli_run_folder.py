@@ -16,6 +16,8 @@ import torch
 
 from tests.helpers import tiny_fit_args
 
+# Every test of this module on one xdist worker (`--dist loadgroup`): they share one fit.
+pytestmark = pytest.mark.xdist_group("cli_run_folder")
 LIMITS = {"trainer.limit_train_batches": 2, "trainer.limit_val_batches": 2, "trainer.limit_test_batches": 2}
 
 
@@ -275,3 +277,24 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback():
 
     with pytest.raises(ValueError, match="data.batch_size must be a positive integer, got 0"):
         AVEDataModule(root="x", batch_size=0)
+
+
+def test_llp_predict_dir_decodes_own_videos_like_the_release(llp_release, tmp_path):
+    """The AVVP side of ``predict_dir``: the folder's files, decoded exactly as the release's clips."""
+    import shutil
+
+    from avmoe.datamodules.llp import VIDEO_DIR, LLPDataModule
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    dm = LLPDataModule(root=str(llp_release), num_workers=0, image_size=32, predict_dir=str(mine))
+    release = dm.dataset("test")
+    assert release.video_path(0).parent == llp_release / VIDEO_DIR
+    shutil.copy(release.video_path(0), mine / "street.mp4")
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["video_id"] == ["street"] and batch["filename"] == ["street"]
+    reference = release[0]
+    assert torch.equal(batch["video"][0], reference["video"]) and torch.equal(batch["audio"][0], reference["audio"])
+    with pytest.raises(FileNotFoundError, match="no .mp4 file"):
+        LLPDataModule(root=str(llp_release), predict_dir=str(tmp_path)).build_folder_dataset(str(tmp_path))
