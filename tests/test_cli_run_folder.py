@@ -298,3 +298,24 @@ def test_llp_predict_dir_decodes_own_videos_like_the_release(llp_release, tmp_pa
     assert torch.equal(batch["video"][0], reference["video"]) and torch.equal(batch["audio"][0], reference["audio"])
     with pytest.raises(FileNotFoundError, match="no .mp4 file"):
         LLPDataModule(root=str(llp_release), predict_dir=str(tmp_path)).build_folder_dataset(str(tmp_path))
+
+
+def test_per_class_details_of_every_metric():
+    from avmoe.metrics.ave import AVESegmentAccuracy
+    from avmoe.metrics.avqa import AVQAAccuracy
+    from avmoe.metrics.avs import AVSMetric, frame_iou
+
+    ave = AVESegmentAccuracy(num_classes=3)
+    ave.update(torch.arange(2), torch.tensor([[0, 1, 2], [2, 2, 1]]), torch.tensor([[0, 1, 1], [2, 1, 1]]))
+    assert ave.details() == {"per_class_acc": {0: 1.0, 1: 0.5, 2: 1.0}}  # class 1: 2 of 4 segments
+    avqa = AVQAAccuracy()
+    avqa.update(torch.arange(4), torch.tensor([1, 0, 2, 2]), torch.tensor([1, 1, 2, 0]), torch.zeros(4))
+    assert avqa.details() == {"per_answer_acc": {0: 0.0, 1: 0.5, 2: 1.0}}
+    avs = AVSMetric(num_thresholds=10)
+    logits, target = torch.randn(3, 2, 8, 8), (torch.rand(3, 2, 8, 8) > 0.5).float()
+    avs.update(torch.arange(3), logits, target, torch.ones(3, 2, dtype=torch.bool), torch.tensor([5, 5, 7]))
+    iou = frame_iou(logits.flatten(0, 1), target.flatten(0, 1)).view(3, 2)
+    details = avs.details()
+    assert details["per_category_mj"][5] == pytest.approx(float(iou[:2].mean()))
+    assert details["per_category_mj"][7] == pytest.approx(float(iou[2].mean()))
+    assert set(details["per_category_mf"]) == {5, 7}
