@@ -232,7 +232,7 @@ def _help(*args: str) -> str:
 def test_top_level_help_names_avmoe_and_its_subcommands():
     text = " ".join(_help("--help").split())
     assert text.startswith("usage: lightning") and "avmoe: AVMoE audio-visual learning" in text
-    for sub in ("fit", "validate", "test", "predict"):
+    for sub in ("fit", "validate", "test", "predict", "select"):
         assert sub in text
     assert "AVMOE_DEBUG=1" in text
 

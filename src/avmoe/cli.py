@@ -50,7 +50,8 @@ SIGTERM_EXIT_CODE = 143
 CLI_DESCRIPTION = """avmoe: AVMoE audio-visual learning (AVE, AVVP, AVS, AVQA) on PyTorch Lightning.
 
 Subcommands: fit (train; --run.resume auto continues a run), validate, test, predict (--ckpt_path CKPT; predict
-also takes --data.init_args.predict_dir DIR of your own mp4 files). '<subcommand> --help' lists every option,
+also takes --data.init_args.predict_dir DIR of your own mp4 files), and select (cold-start selection of
+a labelled subset, own options: 'select --help'). '<subcommand> --help' lists every option,
 '<subcommand> --config lightning_configs/demo.yaml --print_config' the resolved config. Each run lives in
 <run.root>/<run.name>: config.yaml, checkpoints/, metrics/, router_usage/, parameters.json, metrics.csv and
 TensorBoard events. AVMOE_DEBUG=1 shows full tracebacks."""
