@@ -155,6 +155,8 @@ class AVDataModule(LightningDataModule, ABC):
         root: dataset root folder (layout per task).
         batch_size: training batch size.
         eval_batch_size: validation/test/predict batch size; None uses ``batch_size``.
+        predict_dir: ``predict`` on the ``*.mp4`` files of this folder (your own videos, decoded like the
+            dataset's clips; see :mod:`avmoe.datamodules.folder`) instead of the test split. None: the test split.
         num_workers: DataLoader worker processes (0 = decode in the main process).
         image_size: frames are resized to ``image_size x image_size`` in the worker.
         audio: log-mel front end (rate, STFT, mel, segment length, pad tolerance).
@@ -182,8 +184,12 @@ class AVDataModule(LightningDataModule, ABC):
         persistent_workers: bool = True,
         limit_samples: Optional[int] = None,
         seed: Optional[int] = None,
+        predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
         # A checkpoint's hparams hold ``audio`` as a dict (see below); accept it back.
         audio = audio if isinstance(audio, LogMelConfig) else LogMelConfig(**dict(audio))
         self.save_hyperparameters()
@@ -191,6 +197,7 @@ class AVDataModule(LightningDataModule, ABC):
         self.save_hyperparameters({**self.hparams, "audio": dataclasses.asdict(audio)})
         self.root = root
         self.batch_size = batch_size
+        self.predict_dir = predict_dir
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.image_size = image_size
@@ -214,7 +221,13 @@ class AVDataModule(LightningDataModule, ABC):
     def build_dataset(self, split: str) -> Dataset:
         """Build the Dataset of ``split`` (``train``/``val``/``test``); called from ``setup``."""
 
+    def build_folder_dataset(self, folder: str) -> Dataset:
+        """The Dataset of the mp4 files in ``folder`` (``predict_dir``); tasks that support it override this."""
+        raise ValueError(f"{type(self).__name__} does not support data.predict_dir (AVE and LLP do)")
+
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "predict" and self.predict_dir is not None:
+            return  # the folder's dataset is built by predict_dataloader; the release root is not needed
         for split in STAGE_SPLITS.get(stage, SPLITS):
             self.dataset(split)
 
@@ -283,8 +296,8 @@ class AVDataModule(LightningDataModule, ABC):
         return ResumableDataLoader(SeededItems(dataset, seed), batch_size=self.batch_size, sampler=sampler,
                                    drop_last=False, generator=torch.Generator(), **self._loader_kwargs())
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        dataset = self.dataset(split)
+    def _eval_loader(self, split: str, dataset: Optional[Dataset] = None) -> DataLoader:
+        dataset = self.dataset(split) if dataset is None else dataset
         world, rank = self._distribution()
         sampler = None
         if world > 1:
@@ -303,6 +316,8 @@ class AVDataModule(LightningDataModule, ABC):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
+        if self.predict_dir is not None:
+            return self._eval_loader(f"predict_dir {self.predict_dir}", self.build_folder_dataset(self.predict_dir))
         return self._eval_loader("test")
 
     # ------------------------------------------------------------------ skipped clips

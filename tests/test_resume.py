@@ -316,7 +316,8 @@ def test_slurm_requeue_and_epoch_boundary_resume_bit_for_bit(releases, in_tmp, m
 @pytest.mark.slow
 def test_no_silent_restart_and_no_silent_resume(ave_release, in_tmp):
     """``--ckpt_path last`` without a checkpoint fails (stock Lightning trains from scratch); ``run.resume=never``
-    over existing checkpoints warns and starts fresh (stock OnExceptionCheckpoint would silently load them)."""
+    over existing checkpoints refuses (``run.overwrite`` deletes them and starts fresh; stock OnExceptionCheckpoint
+    would silently load them)."""
     runs = in_tmp / "runs"
     args = _task_args("ave", {"ave": ave_release}, runs, "x", epochs=1)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -324,6 +325,8 @@ def test_no_silent_restart_and_no_silent_resume(ave_release, in_tmp):
     ckpts = runs / "x" / "checkpoints"
     ckpts.mkdir(parents=True)
     (ckpts / "last.ckpt").write_bytes(b"not a checkpoint: never read")
-    with pytest.warns(UserWarning, match="starting from scratch"):
-        assert run_cli(["fit", *args, "--trainer.max_steps=1"]) == 0
+    with pytest.raises(FileExistsError, match="--run.resume auto.*--run.name.*--run.overwrite true"):
+        run_cli(["fit", *args, "--trainer.max_steps=1"])
+    with pytest.warns(UserWarning, match="run.overwrite: deleting"):
+        assert run_cli(["fit", *args, "--trainer.max_steps=1", "--run.overwrite=true"]) == 0
     assert load(ckpts / "last.ckpt")["global_step"] == 1

@@ -6,7 +6,9 @@ from avmoe.callbacks.checkpointing import ExceptionCheckpoint, LatestCheckpoint,
 from avmoe.callbacks.metrics_json import MetricsJSON
 from avmoe.callbacks.ogm import OGM, OGMGE, ogm_coefficients
 from avmoe.callbacks.opm import OPM, opm_drop_probabilities
+from avmoe.callbacks.parameters import ParameterSummary, parameter_breakdown
 from avmoe.callbacks.progress import LineProgressBar, default_progress_bar
+from avmoe.callbacks.router_usage import RouterUsage, router_statistics
 from avmoe.callbacks.seeding import StepSeeding
 from avmoe.callbacks.valuation import ModalityValuation, shapley_contributions
 
@@ -21,10 +23,14 @@ __all__ = [
     "OGMGE",
     "OPM",
     "ParameterChecksum",
+    "ParameterSummary",
+    "RouterUsage",
     "StepSeeding",
     "default_progress_bar",
     "latest_checkpoint",
     "ogm_coefficients",
     "opm_drop_probabilities",
+    "parameter_breakdown",
+    "router_statistics",
     "shapley_contributions",
 ]

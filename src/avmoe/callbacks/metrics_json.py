@@ -1,13 +1,31 @@
-"""Write validation and test metrics as JSON into the run folder (``metrics/val.json``, ``metrics/test.json``)."""
+"""Validation and test metrics as JSON in the run folder, never overwriting the fit's record.
+
+File names (``<run folder>/metrics/``):
+
+- ``val.json``: the latest validation of ``fit`` (the model being trained: its epoch and step);
+- ``test.json``: ``run.test_after_fit``, the best checkpoint tested right after fit;
+- ``<subcommand>_<split>.json``: a standalone ``validate`` / ``test`` (``validate_val.json``, ``test_test.json``).
+
+Each holds the evaluated checkpoint's path with the epoch and step stored in it (``checkpoint: null`` for the
+in-training validation), the subcommand and the metrics.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from avmoe.files import write_json_atomic
+
+
+def checkpoint_position(path: str) -> dict[str, Any]:
+    """``epoch`` (0-based, as Lightning stores it) and ``global_step`` of a checkpoint file (memory-mapped read)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
 
 
 class MetricsJSON(Callback):
@@ -15,10 +33,16 @@ class MetricsJSON(Callback):
 
     Args:
         dirpath: folder for the JSON files (the CLI sets ``<run folder>/metrics``).
+        subcommand: the CLI subcommand this process runs; anything but ``fit`` prefixes the file names with it.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, subcommand: str = "fit") -> None:
         self.dirpath = Path(dirpath)
+        self.subcommand = subcommand
+
+    def path(self, split: str) -> Path:
+        prefix = "" if self.subcommand == "fit" else f"{self.subcommand}_"
+        return self.dirpath / f"{prefix}{split}.json"
 
     def _write(self, trainer: Any, split: str) -> None:
         if not trainer.is_global_zero:
@@ -26,8 +50,20 @@ class MetricsJSON(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
         if not metrics:
             return
-        payload = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics}
-        write_json_atomic(self.dirpath / f"{split}.json", payload, sort_keys=True)
+        in_training = trainer.state.fn == TrainerFn.FITTING
+        ckpt: Optional[str] = None if in_training else trainer.ckpt_path
+        if ckpt is not None and Path(ckpt).is_file():
+            position = checkpoint_position(ckpt)
+            ckpt = str(Path(ckpt).resolve())
+        else:  # the model in memory: in-training validation, or an evaluation without --ckpt_path
+            position = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        payload = {"subcommand": self.subcommand, "split": split, "checkpoint": ckpt, **position, "metrics": metrics}
+        extra = getattr(trainer.lightning_module, "metrics_details", None)
+        if callable(extra):  # per-class results etc. of the split metric (AVTask.metrics_details)
+            details = extra(split)
+            if details:
+                payload["details"] = details
+        write_json_atomic(self.path(split), payload, sort_keys=True)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:

@@ -108,7 +108,11 @@ class AVETask(AVTask):
         return losses
 
     def make_metric(self) -> Metric:
-        return AVESegmentAccuracy()
+        return AVESegmentAccuracy(num_classes=BACKGROUND + 1)
+
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        names = (*AVE_CATEGORIES, "background")
+        return {k: {names[c]: v for c, v in d.items()} for k, d in details.items()}
 
     def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
         metric.update(batch[INDEX], self.predict_segments(outputs), batch["label"])
@@ -131,12 +135,20 @@ class AVETask(AVTask):
     prediction_name = "ave"
 
     def predictions(self, batch: Batch, outputs: Outputs) -> dict[str, Any]:
-        return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "segments": self.predict_segments(outputs)}
+        probs = outputs["event_scores"].float().softmax(-1)  # (B, C)
+        return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "segments": self.predict_segments(outputs),
+                "event_prob": torch.sigmoid(outputs["is_event"].float()),  # (B, T) P(segment holds the event)
+                "class_prob": probs.max(-1).values, "class_id": probs.argmax(-1)}  # (B,) the clip's event class
 
     def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
-        """Per clip: the event name of every 1-s segment (``background`` for class 28) and the class ids."""
+        """Per clip: the event name of every 1-s segment (``background`` for class 28) and the class ids, with
+        scores: the clip's event class and its probability, and per segment P(event) (> 0.5: not background)."""
         names = (*AVE_CATEGORIES, "background")
         vids = predictions["video_id"] or [None] * len(predictions[INDEX])
+        rows = zip(predictions[INDEX].tolist(), vids, predictions["segments"].tolist(),
+                   predictions["event_prob"].tolist(), predictions["class_prob"].tolist(),
+                   predictions["class_id"].tolist())
         return [{"index": int(index), "video_id": vid, "segments": [names[c] for c in seg],
-                 "segment_ids": [int(c) for c in seg]}
-                for index, vid, seg in zip(predictions[INDEX].tolist(), vids, predictions["segments"].tolist())]
+                 "segment_ids": [int(c) for c in seg], "event": names[cls], "event_score": round(p_cls, 4),
+                 "segment_event_prob": [round(p, 4) for p in p_seg]}
+                for index, vid, seg, p_seg, p_cls, cls in rows]

@@ -242,6 +242,11 @@ class AVQATask(AVTask):
     def make_metric(self) -> Metric:
         return AVQAAccuracy()
 
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        vocab = self.answer_vocab
+        return {k: {(vocab[c] if vocab and c < len(vocab) else str(c)): v for c, v in d.items()}
+                for k, d in details.items()}
+
     def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
         metric.update(batch[INDEX], outputs["answer_logits"].argmax(-1), batch["answer"], batch["qtype"])
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from avmoe.datamodules.avsbench import S4_CATEGORIES
 from avmoe.datamodules.batch import INDEX
 from avmoe.metrics.avs import OFFICIAL_CLIPS_PER_BATCH, AVSMetric, frame_iou
 from avmoe.models.config import AVMoEConfig
@@ -213,7 +214,16 @@ class AVSTask(AVTask):
 
     def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
         logits, target, valid = self._targets(outputs, batch)
-        metric.update(batch[INDEX], logits.detach(), target, valid)
+        names = batch.get("category")
+        category = None
+        if names is not None and any(names):  # S4 names a category per clip (MS3 has none)
+            ids = [S4_CATEGORIES.index(n) if n in S4_CATEGORIES else -1 for n in names]
+            category = torch.tensor(ids, device=logits.device)
+        metric.update(batch[INDEX], logits.detach(), target, valid, category)
+
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        return {k: {(S4_CATEGORIES[c] if 0 <= c < len(S4_CATEGORIES) else "unknown"): v for c, v in d.items()}
+                for k, d in details.items()}
 
     def sample_scores(self, outputs: Outputs, batch: Batch) -> Tensor:
         """``exp(-BCE)`` per clip over its annotated pixels, in (0, 1]."""

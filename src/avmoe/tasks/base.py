@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal, Optional, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -47,14 +48,20 @@ OMITTED_KEY = "omitted_frozen_prefixes"  # checkpoint entry naming the encoder w
 
 @dataclass
 class OptimConfig:
-    """Adam on the trainable parameters with an optional per-epoch StepLR (the official recipe)."""
+    """Adam on the trainable parameters with an optional per-epoch StepLR (the official recipe).
+
+    The command line's ``--optimizer`` / ``--lr_scheduler`` (LightningCLI) replace it entirely when given."""
 
     lr: float = 5e-4
+    """Adam learning rate."""
     weight_decay: float = 0.0
+    """Adam weight decay (L2, as ``torch.optim.Adam``)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam (beta1, beta2)."""
     step_size: Optional[int] = 3
     """StepLR period in epochs; None keeps the learning rate constant."""
     gamma: float = 0.35
+    """StepLR factor applied every ``step_size`` epochs."""
 
 
 UNIMODAL_MODES = ("zero", "aux")
@@ -285,9 +292,19 @@ class AVTask(LightningModule):
                 continue
             metric = self.metrics[key]
             values = metric.compute()
+            if key == f"{split}_metric" and hasattr(metric, "details"):  # per-class results, metrics JSON
+                self._details = {**getattr(self, "_details", {}), split: self.name_details(metric.details())}
             metric.reset()
             for name, value in values.items():
                 self.log(f"{split}/{name}", value, prog_bar=name == self.monitor.split("/")[-1], sync_dist=False)
+
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        """Per-class results with class names instead of indices (tasks override; default: indices as strings)."""
+        return {k: {str(c): v for c, v in d.items()} for k, d in details.items()}
+
+    def metrics_details(self, split: str) -> dict[str, Any]:
+        """The latest per-class results of ``split`` (``details`` of the split metric), for the metrics JSON."""
+        return getattr(self, "_details", {}).get(split, {})
 
     def on_validation_epoch_end(self) -> None:
         self._log_metric("val")
@@ -326,7 +343,10 @@ class AVTask(LightningModule):
         """Gather every rank's records (padding removed by index) and write the file once, on rank zero."""
         records = gather_records(self._prediction_records, self.trainer.world_size)
         if records and self.trainer.is_global_zero:
-            write_json_atomic(self.prediction_path(), self.prediction_payload(records), indent=1)
+            payload = {"checkpoint": str(Path(self.trainer.ckpt_path).resolve()) if self.trainer.ckpt_path else None,
+                       **self.prediction_payload(records)}
+            write_json_atomic(self.prediction_path(), payload, indent=1)
+            rank_zero_info(f"predict: {len(records)} predictions written to {self.prediction_path()}")
         self._prediction_records = []
 
     # ---- optimisation -----------------------------------------------------------------------------------

@@ -118,6 +118,9 @@ class SpecAugment(nn.Module):
 
 def _load_folder(path: str, drop_path_rate: float) -> ClapAudioModel:
     """A ``ClapAudioModel`` folder, or a full ``ClapModel`` folder whose audio tower is taken."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"backbone.audio.pretrained: folder {path!r} does not exist (expected a local "
+                                "ClapAudioModel / ClapModel save_pretrained folder; nothing is downloaded)")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"No config.json in audio encoder folder {path!r} (expected save_pretrained output).")

@@ -24,17 +24,25 @@ class AVEHeadConfig:
     audio_dim: int = 128
     """Audio projection width (HTS-AT pooled 768 -> 128)."""
     d_model: int = 256
+    """Width of the temporal relation encoders and decoder."""
     num_heads: int = 4
+    """Attention heads of the temporal relation encoders and decoder."""
     ff_dim: int = 1024
+    """Feed-forward width of the temporal relation layers."""
     num_layers: int = 2
     """Layers of each internal temporal relation encoder."""
     dropout: float = 0.1
+    """Dropout inside the temporal relation layers."""
     proj_dropout: float = 0.2
+    """Dropout after the visual / audio input projections."""
     topk: int = 4
     """Segments averaged for the per-modality class activation score."""
     gate_scale: float = 0.1
+    """Strength of the cross-modal gates: ``v = v + gate_a * v * gate_scale`` (and the same for audio)."""
     av_score_weight: float = 0.3
+    """Weight of the audio-visual class activation score added to the event class logits."""
     num_classes: int = 28
+    """Event classes (AVE: 28; background is predicted by ``is_event``)."""
     decoder: Literal["cmbs", "transformer"] = "cmbs"
     """Cross-modal decoder. ``cmbs`` (official): no self-attention; the query is an affine projection of the
     modality's own BiLSTM output and the memory is [other modality's encoder output; query]. ``transformer``

@@ -52,19 +52,27 @@ class AVVPHeadConfig:
     """``mgn`` (AVMoE's head) or ``mmil`` (the AVVP-ECCV20 HAN + attentive MMIL baseline; official dim 512,
     1 head, dropout 0.1)."""
     num_classes: int = 25
+    """Event classes (LLP: 25)."""
     num_segments: int = 10
     """T: the HAN grouping block mixes over the segment axis, so the clip length is part of the weights."""
     dim: int = 128
+    """Token width of the grouping transformer blocks."""
     depth_audio: int = 3
+    """Transformer blocks of the audio class-aware grouping."""
     depth_visual: int = 3
+    """Transformer blocks of the visual class-aware grouping."""
     depth_av: int = 6
+    """Transformer blocks of the cross-modal grouping."""
     num_heads: int = 8
+    """Attention heads of every transformer block."""
     mlp_ratio: float = 4.0
+    """Feed-forward width of the transformer blocks as a multiple of ``dim``."""
     drop_path: float = 0.1
     """Stochastic depth of every transformer block (constant, as official)."""
     unimodal_assign: Assign = "soft"
     """Class-aware unimodal grouping: soft (softmax) or hard (straight-through Gumbel in training)."""
     crossmodal_assign: Assign = "soft"
+    """Cross-modal grouping: soft (softmax) or hard (straight-through Gumbel in training)."""
     segment_weights: SegmentWeights = "official"
     """Segment probability = modality probability x weight. ``official``: with soft unimodal assignment the weight
     is the ``soft`` entry of the official ``AssignAttention`` attention dict, ``1 + softmax_segments(assignment)``
