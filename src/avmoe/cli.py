@@ -11,7 +11,8 @@ newest of ``last.ckpt``, ``on_exception.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``, 
 Exact resume: the train loader is checkpointed mid-epoch and its order is a function of (seed, epoch)
 (``avmoe.datamodules.sampling``), and :class:`~avmoe.callbacks.seeding.StepSeeding` reseeds the global RNGs
 before every training batch, so fit N epochs == fit k, resume, fit to N, bit for bit on CPU.
-SIGTERM (and SLURM's requeue signal) writes a checkpoint and the process exits with 143.
+SIGTERM or Ctrl-C writes a checkpoint at the next step boundary that every rank agrees on and the process exits
+with 143 (130 for Ctrl-C); SLURM's requeue signal writes one there and requeues (``avmoe.callbacks.preemption``).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import avmoe.datamodules  # noqa: F401  (registers the DataModule subclasses for class_path shorthands)
 import avmoe.tasks  # noqa: F401
-from avmoe.callbacks.checkpointing import ExceptionCheckpoint, LatestCheckpoint, latest_checkpoint
+from avmoe.callbacks.checkpointing import LatestCheckpoint, latest_checkpoint, run_checkpoints
 from avmoe.callbacks.metrics_json import MetricsJSON
+from avmoe.callbacks.preemption import Preemption, stop_exit_code
 from avmoe.callbacks.progress import default_progress_bar
 from avmoe.callbacks.seeding import StepSeeding
 from avmoe.datamodules.base import AVDataModule
@@ -117,8 +119,9 @@ class AVMoECLI(LightningCLI):
             extra.append(LatestCheckpoint(dirpath=str(ckpt_dir)))
             if run.checkpoint_every_n_steps:
                 extra.append(LatestCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=run.checkpoint_every_n_steps))
-        if not any(isinstance(c, (OnExceptionCheckpoint, ExceptionCheckpoint)) for c in existing):
-            extra.append(ExceptionCheckpoint(dirpath=str(ckpt_dir)))
+        if config.get("enable_checkpointing") is not False and not any(
+                isinstance(c, (OnExceptionCheckpoint, Preemption)) for c in existing):
+            extra.append(Preemption(dirpath=str(ckpt_dir)))
         wants_bar = config.get("enable_progress_bar") in (None, True)
         if wants_bar and not any(isinstance(c, ProgressBar) for c in existing):
             extra.append(default_progress_bar())
@@ -163,12 +166,14 @@ class AVMoECLI(LightningCLI):
         requested = fit_cfg.get("ckpt_path")
         if requested not in (None, "last"):
             return
-        latest = latest_checkpoint(run.folder)
         if requested is None and run.resume == "never":
-            if latest is not None:
-                rank_zero_warn(f"{run.folder} already holds checkpoints (newest: {latest.name}); starting from scratch "
+            existing = run_checkpoints(run.folder)
+            if existing:
+                newest = max(existing, key=lambda p: p.stat().st_mtime_ns)
+                rank_zero_warn(f"{run.folder} already holds checkpoints (newest: {newest.name}); starting from scratch "
                                "and overwriting them as run.resume=never (--run.resume auto continues the run)")
             return
+        latest = latest_checkpoint(run.folder)  # the newest loadable one (newer unloadable ones are named)
         if latest is not None:
             rank_zero_info(f"Resuming {run.name} from {latest}")
             fit_cfg["ckpt_path"] = str(latest)
@@ -238,8 +243,9 @@ def cli_main(args: ArgsType = None) -> None:
             args=args,
         )
     except SIGTERMException:
-        # Lightning 2.6.6 turns SIGTERM into a clean exit (code 0); requeue wrappers need to see the kill.
-        sys.exit(SIGTERM_EXIT_CODE)
+        # Lightning 2.6.6 turns SIGTERM into a clean exit (code 0); requeue wrappers need to see the kill:
+        # 143 (SIGTERM), 130 (Ctrl-C only).
+        sys.exit(stop_exit_code(SIGTERM_EXIT_CODE))
 
 
 if __name__ == "__main__":
