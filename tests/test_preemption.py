@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 import torch
 
+from avmoe.callbacks import preemption
 from avmoe.callbacks.checkpointing import latest_checkpoint
 from tests.helpers import REPO, tiny_fit_args
 from tests.test_resume import assert_identical, load, run_cli
 
-pytestmark = pytest.mark.slow
 JOB_TIMEOUT = 240  # s; a tiny job takes ~15 s alone, more on a loaded 2-core box
 
 
@@ -97,6 +97,32 @@ def loader_position(ckpt: dict[str, Any]) -> tuple[int, int]:
     return state["epoch"], state["batches"]
 
 
+# ------------------------------------------------------------------------------------------------ handlers
+def test_handlers_only_record_and_a_second_ctrl_c_aborts(monkeypatch):
+    """Inside a step nothing may happen but recording; the highest stop signal wins the exit code."""
+    received = preemption._Received()
+    monkeypatch.setattr(preemption, "_RECEIVED", received)
+    preemption._on_stop_signal(signal.SIGINT, None)
+    assert received.stop == signal.SIGINT, "recorded, no KeyboardInterrupt"
+    preemption._on_stop_signal(signal.SIGTERM, None)
+    preemption._on_stop_signal(signal.SIGTERM, None)  # repeated SIGTERM: still only recorded
+    assert received.stop == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        preemption._on_stop_signal(signal.SIGINT, None)
+    preemption._on_requeue_signal(signal.SIGUSR1, None)
+    assert received.requeue == 1
+    for agreed, code in ((0, 143), (int(signal.SIGINT), 130), (int(signal.SIGTERM), 143)):
+        monkeypatch.setattr(preemption, "_AGREED_STOP", agreed)
+        assert preemption.stop_exit_code() == code
+
+
+def test_hpc_checkpoint_numbering(tmp_path):
+    assert preemption.hpc_checkpoint_path(tmp_path).name == "hpc_ckpt_1.ckpt"
+    for name in ("hpc_ckpt_2.ckpt", "hpc_ckpt_10.ckpt", "hpc_ckpt_x.ckpt"):
+        (tmp_path / name).write_bytes(b"")
+    assert preemption.hpc_checkpoint_path(tmp_path).name == "hpc_ckpt_11.ckpt"
+
+
 # ------------------------------------------------------------------------------------------------ one process
 # 4 samples, batch 2: 2 steps per epoch, 2 epochs; validation and test 2 batches each; the best checkpoint is
 # tested at the end (test_after_fit), so an interrupted validation would show in best.ckpt and test.json.
@@ -115,6 +141,7 @@ def single_reference(ave_release: Path, tmp_path_factory: pytest.TempPathFactory
     return cwd / "runs" / "ref"
 
 
+@pytest.mark.slow
 def test_group_sigterm_and_ctrl_c_in_validation_resume_bit_for_bit(ave_release, single_reference, tmp_path):
     runs, folder = tmp_path / "runs", tmp_path / "runs" / "cut"
     ckpts = folder / "checkpoints"
@@ -147,6 +174,7 @@ def test_group_sigterm_and_ctrl_c_in_validation_resume_bit_for_bit(ave_release, 
     assert [tag for tag, _, _ in scalars(folder)].count("val/acc") == 2, "every epoch's validation is logged once"
 
 
+@pytest.mark.slow
 def test_crash_before_the_first_step_leaves_no_checkpoint(ave_release, in_tmp):
     """A crash is not a stop between steps: nothing is written, so ``--run.resume auto`` starts fresh."""
     runs = in_tmp / "runs"
@@ -193,6 +221,7 @@ def ddp_reference(broken_release, tmp_path_factory: pytest.TempPathFactory) -> P
     return cwd / "runs" / "ref"
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_skipped_clips_are_gathered_and_empty_steps_do_not_hang(broken_release, ddp_reference):
     _, broken = broken_release
@@ -203,6 +232,7 @@ def test_ddp_skipped_clips_are_gathered_and_empty_steps_do_not_hang(broken_relea
     assert load(ddp_reference / "checkpoints" / "last.ckpt")["global_step"] == 3, "every rank ran every step"
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_sigterm_to_one_rank_or_the_group_stops_all_ranks_consistently(broken_release, ddp_reference,
                                                                            tmp_path):

@@ -233,6 +233,6 @@ class Preemption(Checkpoint):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
-        if not (_AGREED_STOP and isinstance(exception, SIGTERMException)):
+        if trainer.state.fn == "fit" and not (_AGREED_STOP and isinstance(exception, SIGTERMException)):
             rank_zero_warn(f"fit stopped on {type(exception).__name__}, not at a step boundary: no checkpoint is "
                            "written for it (--run.resume auto continues from the newest periodic checkpoint)")
