@@ -126,13 +126,17 @@ def test_latest_checkpoint_is_the_newest_of_last_exception_and_requeue(tmp_path)
     ckpts = folder / "checkpoints"
     files = [ckpts / "last.ckpt", folder / "hpc_ckpt_2.ckpt", ckpts / "on_exception.ckpt"]
     for i, path in enumerate(files):
-        path.write_bytes(b"")
+        torch.save({"global_step": i}, path)
         os.utime(path, ns=(10**18 + i, 10**18 + i))
         assert latest_checkpoint(folder) == path
     os.utime(files[0], ns=(10**18 + 9, 10**18 + 9))
     assert latest_checkpoint(folder) == files[0]
-    (folder / "checkpoints" / "best.ckpt").write_bytes(b"")  # never a resume candidate
+    torch.save({}, folder / "checkpoints" / "best.ckpt")  # never a resume candidate
     assert latest_checkpoint(folder) == files[0]
+    # The newest cut short (killed while writing, disk full): passed over, naming it and the one used instead.
+    files[0].write_bytes(files[0].read_bytes()[:-30])
+    with pytest.warns(UserWarning, match=r"last\.ckpt \(BadZipFile.*not loadable, passed over; using .*on_exception"):
+        assert latest_checkpoint(folder) == files[2]
 
 
 # ------------------------------------------------------------------------------------------------ end to end

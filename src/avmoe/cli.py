@@ -11,7 +11,8 @@ newest of ``last.ckpt``, ``on_exception.ckpt`` and SLURM's ``hpc_ckpt_*.ckpt``, 
 Exact resume: the train loader is checkpointed mid-epoch and its order is a function of (seed, epoch)
 (``avmoe.datamodules.sampling``), and :class:`~avmoe.callbacks.seeding.StepSeeding` reseeds the global RNGs
 before every training batch, so fit N epochs == fit k, resume, fit to N, bit for bit on CPU.
-SIGTERM (and SLURM's requeue signal) writes a checkpoint and the process exits with 143.
+SIGTERM or Ctrl-C writes a checkpoint at the next step boundary that every rank agrees on and the process exits
+with 143 (130 for Ctrl-C); SLURM's requeue signal writes one there and requeues (``avmoe.callbacks.preemption``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import avmoe.datamodules  # noqa: F401  (registers the DataModule subclasses for class_path shorthands)
 import avmoe.tasks  # noqa: F401
-from avmoe.callbacks.checkpointing import ExceptionCheckpoint, LatestCheckpoint, latest_checkpoint
+from avmoe.callbacks.checkpointing import LatestCheckpoint, latest_checkpoint, run_checkpoints
 from avmoe.callbacks.metrics_json import MetricsJSON
 from avmoe.callbacks.parameters import ParameterSummary
+from avmoe.callbacks.preemption import Preemption, stop_exit_code
 from avmoe.callbacks.progress import default_progress_bar
 from avmoe.callbacks.router_usage import RouterUsage
 from avmoe.callbacks.seeding import StepSeeding
@@ -142,8 +144,9 @@ class AVMoECLI(LightningCLI):
             extra.append(LatestCheckpoint(dirpath=str(ckpt_dir)))
             if run.checkpoint_every_n_steps:
                 extra.append(LatestCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=run.checkpoint_every_n_steps))
-        if not any(isinstance(c, (OnExceptionCheckpoint, ExceptionCheckpoint)) for c in existing):
-            extra.append(ExceptionCheckpoint(dirpath=str(ckpt_dir)))
+        if config.get("enable_checkpointing") is not False and not any(
+                isinstance(c, (OnExceptionCheckpoint, Preemption)) for c in existing):
+            extra.append(Preemption(dirpath=str(ckpt_dir)))
         if run.router_usage and not any(isinstance(c, RouterUsage) for c in existing):
             extra.append(RouterUsage(str(run.folder / "router_usage")))
         if config.get("enable_model_summary") in (None, True) and not any(isinstance(c, ModelSummary)
@@ -217,10 +220,10 @@ class AVMoECLI(LightningCLI):
         requested = fit_cfg.get("ckpt_path")
         if requested not in (None, "last"):
             return
-        latest = latest_checkpoint(run.folder)
         if requested is None and run.resume == "never":
             claim_run_folder(run)
             return
+        latest = latest_checkpoint(run.folder)  # the newest loadable one (newer unloadable ones are named)
         if latest is not None:
             rank_zero_info(f"Resuming {run.name} from {latest}")
             fit_cfg["ckpt_path"] = str(latest)
@@ -358,8 +361,9 @@ def cli_main(args: ArgsType = None) -> None:
             args=args,
         )
     except SIGTERMException:
-        # Lightning 2.6.6 turns SIGTERM into a clean exit (code 0); requeue wrappers need to see the kill.
-        sys.exit(SIGTERM_EXIT_CODE)
+        # Lightning 2.6.6 turns SIGTERM into a clean exit (code 0); requeue wrappers need to see the kill:
+        # 143 (SIGTERM), 130 (Ctrl-C only).
+        sys.exit(stop_exit_code(SIGTERM_EXIT_CODE))
     except Exception as err:  # noqa: BLE001 - only errors the user caused are shortened, the rest re-raised
         if args is None:  # the console scripts; a call from Python (args given) keeps its exception
             _exit_on_user_error(err)

@@ -2,11 +2,12 @@
 
 from avmoe.callbacks._distributed import ParameterChecksum
 from avmoe.callbacks.avs_visual import AVSMaskImages
-from avmoe.callbacks.checkpointing import ExceptionCheckpoint, LatestCheckpoint, latest_checkpoint
+from avmoe.callbacks.checkpointing import LatestCheckpoint, latest_checkpoint
 from avmoe.callbacks.metrics_json import MetricsJSON
 from avmoe.callbacks.ogm import OGM, OGMGE, ogm_coefficients
 from avmoe.callbacks.opm import OPM, opm_drop_probabilities
 from avmoe.callbacks.parameters import ParameterSummary, parameter_breakdown
+from avmoe.callbacks.preemption import Preemption
 from avmoe.callbacks.progress import LineProgressBar, default_progress_bar
 from avmoe.callbacks.router_usage import RouterUsage, router_statistics
 from avmoe.callbacks.seeding import StepSeeding
@@ -14,7 +15,6 @@ from avmoe.callbacks.valuation import ModalityValuation, shapley_contributions
 
 __all__ = [
     "AVSMaskImages",
-    "ExceptionCheckpoint",
     "LatestCheckpoint",
     "LineProgressBar",
     "MetricsJSON",
@@ -25,6 +25,7 @@ __all__ = [
     "ParameterChecksum",
     "ParameterSummary",
     "RouterUsage",
+    "Preemption",
     "StepSeeding",
     "default_progress_bar",
     "latest_checkpoint",

@@ -8,6 +8,9 @@ File names (``<run folder>/metrics/``):
 
 Each holds the evaluated checkpoint's path with the epoch and step stored in it (``checkpoint: null`` for the
 in-training validation), the subcommand and the metrics.
+
+With a DataModule that skips undecodable clips (``AVDataModule(on_decode_error="skip")``) the files also hold
+``num_skipped`` (skipped samples so far, every rank) and ``skipped_clips`` (path -> reason).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def checkpoint_position(path: str) -> dict[str, Any]:
 class MetricsJSON(Callback):
     """After each validation / test run, dump ``trainer.callback_metrics`` of that split (rank 0 only).
 
+    It also gathers the DataModule's skipped clips from every rank (``sync_skipped``, a collective under DDP) at
+    each train epoch end and before each write, so rank 0 names them all.
+
     Args:
         dirpath: folder for the JSON files (the CLI sets ``<run folder>/metrics``).
         subcommand: the CLI subcommand this process runs; anything but ``fit`` prefixes the file names with it.
@@ -44,7 +50,15 @@ class MetricsJSON(Callback):
         prefix = "" if self.subcommand == "fit" else f"{self.subcommand}_"
         return self.dirpath / f"{prefix}{split}.json"
 
+    @staticmethod
+    def _sync_skipped(trainer: Any) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        if hasattr(datamodule, "sync_skipped"):
+            datamodule.sync_skipped()  # every rank, before the rank-0 return below
+        return datamodule
+
     def _write(self, trainer: Any, split: str) -> None:
+        datamodule = self._sync_skipped(trainer)
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
@@ -63,7 +77,12 @@ class MetricsJSON(Callback):
             details = extra(split)
             if details:
                 payload["details"] = details
+        if getattr(datamodule, "on_decode_error", None) == "skip":
+            payload.update(num_skipped=datamodule.num_skipped, skipped_clips=dict(datamodule.skipped_clips))
         write_json_atomic(self.path(split), payload, sort_keys=True)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._sync_skipped(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:

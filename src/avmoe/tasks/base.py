@@ -250,7 +250,11 @@ class AVTask(LightningModule):
     # ---- loops ------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Optional[Tensor]:
         if batch_size(batch) == 0:  # every clip of this batch failed to decode under the skip policy
-            return None
+            if self._trainer is None or self.trainer.world_size <= 1:
+                return None  # no step on this batch
+            # DDP: the other ranks wait in the gradient all-reduce of this step. An exact zero that touches every
+            # trainable parameter runs it: this rank contributes a zero gradient (zero-weighted, not skipped).
+            return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
         feats, outputs = self(batch)
         losses = self.compute_losses(outputs, batch)
         if self.unimodal_heads is not None:
