@@ -166,3 +166,68 @@ class OfficialAVSHead(nn.Module):
         conv432 = self.path2(conv43, feature_map_list[1])
         conv4321 = self.path1(conv432, feature_map_list[0])
         return self.output_conv(conv4321), feature_map_list, a_fea_list
+
+
+# ---- losses: AVMOE/AVS/avs_scripts/avs_s4/loss.py and avs_ms3/loss.py (the AVSBench loss.py files) ------------------
+def F1_IoU_BCELoss(pred_masks: Tensor, first_gt_mask: Tensor) -> Tensor:  # avs_s4/loss.py 7-26 (no .cuda())
+    assert len(pred_masks.shape) == 4
+    pred_masks = torch.sigmoid(pred_masks)  # [bs*5, 1, 224, 224]
+    indices = torch.tensor(list(range(0, len(pred_masks), 5)))
+    first_pred = torch.index_select(pred_masks, dim=0, index=indices)  # [bs, 1, 224, 224]
+    if len(first_gt_mask.shape) == 5:
+        first_gt_mask = first_gt_mask.squeeze(1)  # [bs, 1, 224, 224]
+    return nn.BCELoss()(first_pred, first_gt_mask)
+
+
+def F5_IoU_BCELoss(pred_mask: Tensor, five_gt_masks: Tensor) -> Tensor:  # avs_ms3/loss.py 7-20
+    assert len(pred_mask.shape) == 4
+    pred_mask = torch.sigmoid(pred_mask)
+    return nn.BCELoss()(pred_mask, five_gt_masks)
+
+
+def A_MaskedV_SimmLoss_ms3(pred_masks: Tensor, a_fea_list: list[Tensor], v_map_list: list[Tensor],
+                           count_stages: list[int], mask_pooling_type: str = "avg", norm_fea: bool = True,
+                           threshold: bool = False, euclidean_flag: bool = False, kl_flag: bool = False
+                           ) -> Tensor:  # avs_ms3/loss.py 23-73
+    assert len(pred_masks.shape) == 4
+    total_loss = 0
+    for stage in count_stages:
+        a_fea, v_map = a_fea_list[stage], v_map_list[stage]
+        a_fea = a_fea.view(-1, a_fea.shape[-1])
+        C, H, W = v_map.shape[1], v_map.shape[-2], v_map.shape[-1]
+        assert C == a_fea.shape[-1]
+        if mask_pooling_type == "avg":
+            downsample_pred_masks = nn.AdaptiveAvgPool2d((H, W))(pred_masks)
+        elif mask_pooling_type == "max":
+            downsample_pred_masks = nn.AdaptiveMaxPool2d((H, W))(pred_masks)
+        downsample_pred_masks = torch.sigmoid(downsample_pred_masks)
+        if threshold:
+            downsample_pred_masks = (downsample_pred_masks > 0.5).float()
+            obj_pixel_num = downsample_pred_masks.sum(-1).sum(-1)
+            masked_v_map = torch.mul(v_map, downsample_pred_masks)
+            masked_v_fea = masked_v_map.sum(-1).sum(-1) / (obj_pixel_num + 1e-6)
+        else:
+            masked_v_map = torch.mul(v_map, downsample_pred_masks)
+            masked_v_fea = masked_v_map.mean(-1).mean(-1)
+        if norm_fea:
+            a_fea = F.normalize(a_fea, dim=-1)
+            masked_v_fea = F.normalize(masked_v_fea, dim=-1)
+        if euclidean_flag:
+            loss = F.pairwise_distance(a_fea, masked_v_fea, p=2).mean()
+        elif kl_flag:
+            loss = F.kl_div(masked_v_fea.softmax(dim=-1).log(), a_fea.softmax(dim=-1), reduction="sum")
+        total_loss += loss
+    total_loss /= len(count_stages)
+    return total_loss
+
+
+def IouSemanticAwareLoss_ms3(pred_masks: Tensor, gt_mask: Tensor, a_fea_list: list[Tensor], v_map_list: list[Tensor],
+                             sa_loss_flag: bool = False, count_stages: list[int] = [], lambda_1: float = 0,
+                             mask_pooling_type: str = "avg", norm_fea: bool = True, threshold: bool = False,
+                             kl_flag: bool = False) -> Tensor:  # avs_ms3/loss.py 133-166 (closer_flag False)
+    total_loss = F5_IoU_BCELoss(pred_masks, gt_mask)
+    if sa_loss_flag:
+        masked_av_loss = A_MaskedV_SimmLoss_ms3(pred_masks, a_fea_list, v_map_list, count_stages, mask_pooling_type,
+                                                norm_fea, threshold, False, kl_flag)
+        total_loss = total_loss + lambda_1 * masked_av_loss
+    return total_loss

@@ -227,6 +227,41 @@ def test_avs_head_equals_official(gamma):
         _assert_close64(out[f"stage_audio_{s}"], a_fea[s], f"stage_audio_{s}")
 
 
+# ---- AVS losses (AVMOE/AVS/avs_scripts/avs_s4/loss.py, avs_ms3/loss.py with the train_v2.sh flags) ---------------
+@pytest.mark.parametrize("setting, pooling, normalize", [("s4", "avg", False), ("ms3", "avg", False),
+                                                         ("ms3", "max", True)],
+                         ids=["s4", "ms3-script", "ms3-max-norm"])
+def test_avs_losses_equal_official(setting, pooling, normalize):
+    from avmoe.tasks.avs import AVSLossConfig, AVSTask
+    from tests.official_avs import F1_IoU_BCELoss, IouSemanticAwareLoss_ms3
+
+    b, t, size, c = 3, 5, 16, 6
+    torch.manual_seed(0)
+    logits = torch.randn(b, t, size, size, dtype=torch.float64) * 2
+    mask = (torch.rand(b, t, 1, size, size) > 0.6).to(torch.float64)
+    maps = [torch.randn(b * t, c, s, s, dtype=torch.float64) for s in (8, 4, 2, 1)]  # TPAVI outputs per stage
+    audio = [torch.randn(b, t, c, dtype=torch.float64) for _ in range(4)]
+    outputs = {"logits": logits, **{f"stage_map_{s}": maps[s] for s in range(4)},
+               **{f"stage_audio_{s}": audio[s] for s in range(4)}}
+    task = AVSTask.__new__(AVSTask)
+    if setting == "s4":  # train_v2.sh: no --sa_loss_flag; train clips annotated on frame 1 only
+        valid = torch.zeros(b, t, dtype=torch.bool)
+        valid[:, 0] = True
+        task.loss_config = AVSLossConfig()
+        ref = F1_IoU_BCELoss(logits.flatten(0, 1).unsqueeze(1), mask[:, :1, :1])  # gt [bs, 1, 1, H, W]
+    else:  # --masked_av_flag --masked_av_stages 0 1 2 3 --lambda_1 0.5 --kl_flag (norm_fea_flag off)
+        valid = torch.ones(b, t, dtype=torch.bool)
+        task.loss_config = AVSLossConfig(masked_av_weight=0.5, mask_pooling=pooling, normalize_features=normalize)
+        ref = IouSemanticAwareLoss_ms3(logits.flatten(0, 1).unsqueeze(1), mask.flatten(0, 1), audio, maps,
+                                       sa_loss_flag=True, count_stages=[0, 1, 2, 3], lambda_1=0.5,
+                                       mask_pooling_type=pooling, norm_fea=normalize, kl_flag=True)
+    losses = AVSTask.compute_losses(task, outputs, {"mask": mask, "mask_valid": valid})
+    assert set(losses) == ({"loss_bce"} if setting == "s4" else {"loss_bce", "loss_masked_av"})
+    total = sum(losses.values())
+    assert total.dtype == torch.float64, total.dtype
+    assert abs(total.item() - ref.item()) <= 1e-13 * ref.item(), (total.item(), ref.item())
+
+
 def _perturb_all(module: nn.Module) -> None:
     """Random parameters and BatchNorm statistics (TPAVI's BN starts at zero: it would hide the whole block)."""
     with torch.no_grad():

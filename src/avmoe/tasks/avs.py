@@ -100,9 +100,15 @@ def masked_av_loss(
 UNUSED_DECODER_PREFIX = "head.paths.3.rcu1."  # the official path4.resConfUnit1, never called
 
 
+def _loss_dtype(x: Tensor) -> Tensor:
+    """At least float32 (half / bfloat16 logits are upcast), float64 kept: a float64 run has no float32 rounding."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def clip_bce(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """Pixel BCE averaged over each clip's annotated frames. logits/target (B, T, S, S), valid (B, T) -> (B,)."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").mean((-2, -1))
+    logits = _loss_dtype(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean((-2, -1))
     return (bce * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
@@ -198,13 +204,14 @@ class AVSTask(AVTask):
 
     def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
         logits, target, valid = self._targets(outputs, batch)
-        losses = {"loss_bce": F.binary_cross_entropy_with_logits(logits[valid].float(), target[valid].float())}
+        logits = _loss_dtype(logits)
+        losses = {"loss_bce": F.binary_cross_entropy_with_logits(logits[valid], target[valid].to(logits.dtype))}
         cfg = self.loss_config
         if cfg.masked_av_weight > 0:
             stages = sorted(set(cfg.masked_av_stages))
             maps = [outputs[f"stage_map_{s}"] for s in stages]
             audio = [outputs[f"stage_audio_{s}"] for s in stages]
-            kl = masked_av_loss(logits.float(), maps, audio, cfg.mask_pooling, cfg.normalize_features)
+            kl = masked_av_loss(logits, maps, audio, cfg.mask_pooling, cfg.normalize_features)
             losses["loss_masked_av"] = cfg.masked_av_weight * kl
         return losses
 
