@@ -76,6 +76,13 @@ OFFICIAL_LAYOUT = {  # num_cross / conv_groups: num_multimodal_experts / num_con
     "avqa": {"audio_depths": (2, 2, 6, 2), "num_skip": 1, "num_cross": 1, "conv_groups": 4, "head": "avqa"},
 }
 TASKS = tuple(OFFICIAL_LAYOUT)
+# Where the checkpoint comes from: a run of the official AVMoE code, or a recipe's starting checkpoint (task it serves).
+SOURCES = {"avmoe": TASKS, "dgsct": ("ave",), "lavish_grounding": ("avqa",)}
+# DG-SCT's MMIL_Net (haoyi-duan/DG-SCT DG-SCT/AVE/nets/net_trans.py) adapters: no same-named key in AVMoE's MMIL_Net
+# (its adapters are *_moe_adapter_blocks_*), so AVMOE/AVE/main_trans_v3.py's load_state_dict(strict=False) skips them.
+_DGSCT_ADAPTERS = re.compile(r"^((audio|vis)_adapter_blocks_p[12]|adapter_token_downsampler)\.")
+# The only grounding-checkpoint keys AVMOE/AVQA/net_grd_avst/main_avst_v2.py takes (its ``tmp`` list, 343).
+_LAVISH_TAKEN = re.compile(r"^(fc_a1|fc_a2|fc_gl|fc[1-4])\.(weight|bias)$")
 
 
 @dataclass
@@ -322,8 +329,13 @@ def _convert_swin(sd: dict[str, Tensor], out: Conversion, prefix: str) -> None:
 
 def convert_official(sd: dict[str, Tensor], task: str = "ave", audio_depths: Optional[Sequence[int]] = None,
                      num_skip: Optional[int] = None, num_cross_experts: Optional[int] = None,
-                     conv_groups: Optional[int] = None) -> Conversion:
+                     conv_groups: Optional[int] = None, source: str = "avmoe") -> Conversion:
     """Map the state dict of an official ``task`` model (``MMIL_Net``, ``Pred_endecoder``, ...) to avmoe task keys.
+
+    ``source``: ``avmoe`` (a checkpoint of the official AVMoE code), ``dgsct`` (DG-SCT's released AVE checkpoint,
+    the AVE recipe's start: its encoders and head, without its adapters) or ``lavish_grounding`` (the LAVisH
+    grounding checkpoint, the AVQA recipe's start: only the audio projection, grounding and match layers). The
+    result of the last two is partial: load it with ``--run.init_strict false``.
 
     ``audio_depths`` / ``num_skip`` place the official adapter indices (defaults: the task's official values);
     ``num_cross_experts`` is ``num_multimodal_experts`` and ``conv_groups`` is ``num_conv_group`` of the official run
@@ -331,12 +343,23 @@ def convert_official(sd: dict[str, Tensor], task: str = "ave", audio_depths: Opt
     """
     if task not in TASKS:
         raise ValueError(f"convert_official: task {task!r} is not covered (covered: {', '.join(TASKS)})")
+    if source not in SOURCES or task not in SOURCES[source]:
+        raise ValueError(f"convert_official: source {source!r} does not serve task {task!r} "
+                         f"({', '.join(f'{k}: {v}' for k, v in SOURCES.items())})")
     layout = OFFICIAL_LAYOUT[task]
     positions = adapter_positions(audio_depths or layout["audio_depths"], num_skip or layout["num_skip"])
     num_cross_experts = num_cross_experts if num_cross_experts is not None else layout["num_cross"]
     conv_groups = conv_groups if conv_groups is not None else layout["conv_groups"]
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}  # DataParallel prefix
     out = Conversion()
+    if source == "dgsct":
+        for key in [k for k in sd if _DGSCT_ADAPTERS.match(k)]:
+            out.unmatched[key] = "DG-SCT adapter: no AVMoE counterpart (main_trans_v3.py's strict=False load skips it)"
+            del sd[key]
+    elif source == "lavish_grounding":
+        for key in [k for k in sd if not _LAVISH_TAKEN.match(k)]:
+            out.unmatched[key] = "not taken from the grounding checkpoint by main_avst_v2.py"
+            del sd[key]
     swin, htsat, head = {}, {}, {}
     for key, value in sd.items():
         if _UNUSED.search(key):
@@ -392,9 +415,13 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], object] = pr
     parser.add_argument("--num-skip", type=int, default=None, help="official num_skip (AVE: 2)")
     parser.add_argument("--num-multimodal-experts", type=int, default=None, help="official value of the task")
     parser.add_argument("--num-conv-group", type=int, default=None, help="official value of the task")
+    parser.add_argument("--source", choices=tuple(SOURCES), default="avmoe",
+                        help="avmoe: trained with the official AVMoE code; dgsct: DG-SCT's AVE checkpoint (task ave); "
+                             "lavish_grounding: the LAVisH grounding checkpoint (task avqa); the last two are "
+                             "partial: load with --run.init_strict false")
     args = parser.parse_args(argv)
     conversion = convert_official(load_official(args.src), args.task, args.audio_depths, args.num_skip,
-                                  args.num_multimodal_experts, args.num_conv_group)
+                                  args.num_multimodal_experts, args.num_conv_group, args.source)
     torch.save(conversion.state_dict, args.dst)
     log(conversion.summary())
     log(f"wrote {args.dst}")
