@@ -343,12 +343,15 @@ def test_dgsct_ave_checkpoint_loads_what_the_official_takes(tmp_path):
     dgsct |= official_head.state_dict()
     dgsct_adapters = {"audio_adapter_blocks_p1.0.my_tokens": torch.randn(32, 32),  # VisualAdapter tensors
                       "vis_adapter_blocks_p2.3.down_sampler.weight": torch.randn(4, 32, 1, 1),
-                      "adapter_token_downsampler.0.weight": torch.randn(4, 4)}
+                      "adapter_token_downsampler.0.weight": torch.randn(4, 4),
+                      # DG-SCT's CMBS LayerNorms (net_trans.py 264-265): AVMoE's CMBS has none (net_trans_v3.py)
+                      "CMBS.video_norm.weight": torch.randn(16), "CMBS.audio_norm.bias": torch.randn(16)}
     src, dst = tmp_path / "best_82.18.pt", tmp_path / "converted.pt"
     torch.save(dgsct | dgsct_adapters, src)
     conversion = main(["--task", "ave", "--source", "dgsct", str(src), str(dst), "--audio-depths",
                        *map(str, cfg.audio.depths)], log=lambda _: None)
     assert set(dgsct_adapters) <= set(conversion.unmatched)
+    assert conversion.unmatched["CMBS.video_norm.weight"] == "no counterpart"
     assert not any(k.startswith("backbone.adapters.") for k in conversion.state_dict)
 
     torch.manual_seed(1)

@@ -14,11 +14,11 @@ the keys of the matching avmoe task; the result loads with ``--run.init_from``::
     python -m avmoe.convert_official --task avs_ms3 official_ms3.pt ms3_avmoe.pt     # lightning_configs/avs_ms3.yaml
     python -m avmoe.convert_official --task avqa official_avqa.pt avqa_avmoe.pt      # lightning_configs/avqa.yaml
 
-Tested end to end (official-layout state dict -> CLI -> ``init_weights`` strict -> outputs equal to the
-transcriptions of the official heads): ``ave`` (CMBS head; ``head.decoder: cmbs``, the default) and ``avvp``
-(MGN head, with the R(2+1)D projection: ``head.st_dim: 512``). ``avs_s4``, ``avs_ms3`` and ``avqa`` are converted
-from the same tested parts (encoders, every adapter variant, the head key maps) but not run end to end here. The
-AVQA recipe's starting point (LAVisH's grounding checkpoint) has another layout and is not covered.
+Tested end to end for every task (official-layout state dict -> CLI -> ``init_weights`` strict -> backbone tensors
+identical, head outputs equal in float64 to the transcriptions of the official heads). The recipes' starting
+checkpoints convert with ``--source``: ``dgsct`` (DG-SCT's AVE ``best_82.18.pt``: encoders and head, its own adapters
+reported) and ``lavish_grounding`` (the AVQA grounding checkpoint: only the layers ``main_avst_v2.py`` takes); both
+results are partial, for ``--run.init_strict false``.
 
 Keys without a counterpart are reported, never silently dropped: the decoder layers' ``self_attn`` and the
 ``encoder_layer`` / ``decoder_layer`` templates (built by the official code, never called), the timm classifier
