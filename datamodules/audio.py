@@ -8,13 +8,19 @@ top_db clipping. Each segment is transformed on its own, as AVMoE feeds ``wave.v
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from .decoding import DecodeError
+
+
+# The index of the sample being loaded (set by ``ClipDataset.__getitem__``): seeds per-clip waveform transforms.
+SAMPLE_INDEX: contextvars.ContextVar[int] = contextvars.ContextVar("avmoe_sample_index", default=-1)
+WaveTransform = Callable[[np.ndarray, int], np.ndarray]  # (segments (T, S) float32, sample index) -> same shape
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,10 @@ class LogMel:
 
     Picklable (the mel basis is built lazily in each process).
 
+    ``wave_transform`` (None by default) maps the cut segments ``(T, S)`` and the sample index
+    (:data:`SAMPLE_INDEX`) to new segments before the STFT: robustness evaluation corrupts the waveform
+    there (:mod:`avmoe.robustness.data`).
+
     Args:
         config: front-end parameters.
     """
@@ -65,9 +75,13 @@ class LogMel:
     def __init__(self, config: LogMelConfig = LogMelConfig()) -> None:
         self.config = config
         self._mel_basis: Optional[np.ndarray] = None
+        self.wave_transform: Optional[WaveTransform] = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "_mel_basis": None}
+        return {"config": self.config, "_mel_basis": None, "wave_transform": self.wave_transform}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"wave_transform": None, **state})
 
     @property
     def mel_basis(self) -> np.ndarray:
@@ -111,6 +125,8 @@ class LogMel:
 
         c = self.config
         segs = self.segments(waveform, num_segments, path)
+        if self.wave_transform is not None:
+            segs = self.wave_transform(segs, SAMPLE_INDEX.get())
         # librosa.stft is vectorised over leading axes: all segments in one call.
         spec = librosa.stft(
             segs, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.n_fft, window="hann", center=True, pad_mode="reflect"

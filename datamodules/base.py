@@ -27,7 +27,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .audio import LogMelConfig
+from .audio import SAMPLE_INDEX, LogMelConfig
 from .batch import AUDIO_MASK, INDEX, SKIPPED, VISUAL_MASK, SkippedSample, collate
 from .decoding import DecodeError, VideoBackend
 from .sampling import EpochSampler, ResumableDataLoader, SeededItems
@@ -106,12 +106,15 @@ class ClipDataset(Dataset, ABC):
 
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
         index = int(index)
+        token = SAMPLE_INDEX.set(index)  # per-clip seeds of waveform transforms (robustness evaluation)
         try:
             sample = self.load(index)
         except DecodeError as err:
             if self.on_decode_error == "raise":
                 raise
             return SkippedSample(index=index, path=err.path, reason=err.reason or str(err))
+        finally:
+            SAMPLE_INDEX.reset(token)
         sample.setdefault(INDEX, torch.tensor(index, dtype=torch.int64))
         sample.setdefault(AUDIO_MASK, torch.tensor(1.0))
         sample.setdefault(VISUAL_MASK, torch.tensor(1.0))

@@ -193,18 +193,19 @@ def test_visual_only_eval_feeds_silence(task):
     batch = _batch(task)
     try:
         task.visual_only_eval = True
+        assert task.eval_setting is not None and task.eval_setting.missing == "audio"  # the shared setting
         task.eval()
-        with torch.no_grad():
-            _, silent = task(batch)
+        with torch.no_grad():  # applied to evaluation batches (val / test / predict steps), not to forward()
+            silent = task.validation_step(batch, 0)
         assert (seen[-1] == silence_db()).all()
         task.visual_only_eval = False
         with torch.no_grad():
-            _, normal = task(batch)
+            normal = task.validation_step(batch, 0)
         assert torch.equal(seen[-1], batch["audio"])
         assert not torch.allclose(silent["stage_audio_0"], normal["stage_audio_0"])  # the head saw silence
         task.visual_only_eval = True
         task.train()  # training is never affected
-        task(batch)
+        task.training_step(batch, 0)
         assert torch.equal(seen[-1], batch["audio"])
     finally:
         hook.remove()

@@ -41,11 +41,13 @@ from avmoe.callbacks.parameters import ParameterSummary
 from avmoe.callbacks.preemption import Preemption, stop_exit_code
 from avmoe.callbacks.progress import default_progress_bar
 from avmoe.callbacks.router_usage import RouterUsage
+from avmoe.callbacks.robustness import RobustEval, run_sweep
 from avmoe.callbacks.seeding import StepSeeding
 from avmoe.ckpt_hparams import describe_overrides, merge_hparams
 from avmoe.datamodules.base import AVDataModule
 from avmoe.errors import DEBUG_ENV, debug_enabled, user_error_message
 from avmoe.quiet import quiet_known_warnings
+from avmoe.robustness.sweep import RobustnessConfig, as_robustness
 from avmoe.tasks.base import AVTask
 
 SIGTERM_EXIT_CODE = 143
@@ -108,10 +110,29 @@ class AVMoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_class_arguments(RunConfig, "run")
         add_best_checkpoint_args(parser)
+        parser.add_class_arguments(RobustnessConfig, "robustness")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         resolve_best_checkpoint(config, _run_config(config.get("run")))
+
+    # ---- robustness evaluation (missing modalities, corruptions, attacks, sweeps) --------------------------------
+    @property
+    def robustness_config(self) -> RobustnessConfig:
+        return as_robustness(self._get(self.config_init, "robustness", default=None))
+
+    def _robustness_callbacks(self) -> list[Callback]:
+        robust = self.robustness_config
+        return [RobustEval(robust.setting, str(self.run_config.folder / "metrics"))] if robust.active else []
+
+    def after_test(self) -> None:
+        """With ``robustness.sweep``: the test that just ran is the clean row; re-test per setting."""
+        robust = self.robustness_config
+        if robust.sweep and not self.trainer.interrupted:
+            run_sweep(self.trainer, self.model, self.datamodule, robust.sweep,
+                      self.run_config.folder / "metrics" / "robustness.json",
+                      tensorboard_dir=self.run_config.folder / "robustness",
+                      clean={k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")})
 
     @property
     def run_config(self) -> RunConfig:
@@ -123,6 +144,8 @@ class AVMoECLI(LightningCLI):
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = run_loggers(run) if self.subcommand in (None, "fit") else False
         kwargs.setdefault("default_root_dir", str(run.folder))
+        if self.robustness_config.attacks:  # attacks take input gradients inside the eval loops
+            kwargs["inference_mode"] = False
         return super().instantiate_trainer(**kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
@@ -137,7 +160,8 @@ class AVMoECLI(LightningCLI):
     def _run_callbacks(self, existing: list[Callback], config: dict[str, Any]) -> list[Callback]:
         run = self.run_config
         ckpt_dir = run.folder / "checkpoints"
-        extra: list[Callback] = [MetricsJSON(str(run.folder / "metrics"), subcommand=self.subcommand or "fit")]
+        extra: list[Callback] = [MetricsJSON(str(run.folder / "metrics"), subcommand=self.subcommand or "fit"),
+                                 *self._robustness_callbacks()]
         # best.ckpt is the `checkpoint` section (add_best_checkpoint_args), first of the callbacks added here, so
         # trainer.checkpoint_callback (test_after_fit, --ckpt_path best) is that one.
         if not any(isinstance(c, LatestCheckpoint) for c in existing):

@@ -16,11 +16,12 @@ at validation / test / predict time the audio is replaced by *silence*. The offi
 the log-mel of a zero waveform is ``10 log10(amin) = -100 dB`` in every bin (``LogMel``: ref 1.0, amin 1e-10), so
 the audio input becomes that constant (:func:`silence_db`); the HTS-AT still runs, as in the official code. This
 differs from ``audio_mask = 0``, which zeroes the audio *features* after the backbone. Training is unaffected.
+It is an alias of the shared robustness setting every task has (:data:`VISUAL_ONLY`, ``AVTask.eval_setting``;
+``lightning_configs/robustness/visual_only.yaml`` does the same on any task from the command line).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,17 +38,9 @@ from avmoe.models.config import AVMoEConfig
 from avmoe.models.heads.avs import AVSHead, AVSHeadConfig
 from avmoe.models.heads.unimodal import DenseReadout, Readout
 from avmoe.models.outputs import BackboneOutput
+from avmoe.robustness.setting import EvalSetting, silence_db
 from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig, as_config, plain
 from avmoe.tasks.predictions import write_mask_png
-
-
-@functools.cache
-def silence_db() -> float:
-    """Log-mel value of an all-zero waveform in the data front end (``LogMel``): ``power_to_db(0)`` with ref 1.0
-    and amin 1e-10 in float32, i.e. -100 dB up to float32 rounding (-100.00001)."""
-    import librosa  # noqa: PLC0415
-
-    return float(librosa.power_to_db(np.zeros(1, dtype=np.float32), ref=1.0, amin=1e-10, top_db=None)[0])
 
 
 @dataclass
@@ -62,6 +55,9 @@ class AVSLossConfig:
     """How the predicted mask is pooled to a stage map (official default: avg)."""
     normalize_features: bool = False
     """L2-normalise both features before the KL (official ``--norm_fea_flag``, off in the MS3 script)."""
+
+
+VISUAL_ONLY = EvalSetting(missing="audio", missing_rate=1.0, missing_fill="raw")  # the official --visual_only 1
 
 
 def silence_like(audio: Tensor) -> Tensor:
@@ -142,7 +138,6 @@ class AVSTask(AVTask):
         super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
         self.head_config = as_config(AVSHeadConfig, head)
         self.loss_config = as_config(AVSLossConfig, loss)
-        self.visual_only_eval = visual_only_eval
         missing = sorted(set(self.loss_config.masked_av_stages) - set(self.head_config.tpavi_stages))
         if self.loss_config.masked_av_weight > 0 and missing:
             raise ValueError(f"loss.masked_av_stages {missing} have no TPAVI block (head.tpavi_stages = "
@@ -150,6 +145,7 @@ class AVSTask(AVTask):
         dims = self.backbone.feature_dims
         self.head = AVSHead(dims["visual_stages"], dims["audio"], self.head_config)
         self.build_unimodal_heads()
+        self.visual_only_eval = visual_only_eval
         self.save_hyperparameters(plain({
             "backbone": self.backbone_config, "head": self.head_config, "loss": self.loss_config,
             "optim": self.optim, "visual_only_eval": visual_only_eval,
@@ -157,10 +153,14 @@ class AVSTask(AVTask):
         }))
 
     # ---- forward --------------------------------------------------------------------------------------------
-    def encode(self, batch: Batch) -> BackboneOutput:
-        if self.visual_only_eval and not self.training:
-            batch = {**batch, "audio": silence_like(batch["audio"])}
-        return super().encode(batch)
+    @property
+    def visual_only_eval(self) -> bool:
+        """Whether evaluation replaces the audio by silence (alias of ``eval_setting`` = :data:`VISUAL_ONLY`)."""
+        return self.eval_setting == VISUAL_ONLY
+
+    @visual_only_eval.setter
+    def visual_only_eval(self, value: bool) -> None:
+        self.eval_setting = VISUAL_ONLY if value else None
 
     def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
         return self.head(feats.visual_stages, feats.visual_grids, feats.audio)

@@ -10,7 +10,9 @@ balancing callbacks rely on:
   tasks that are not single-label classification) and :meth:`AVTask.sample_correct` for valuation;
 - ``feature_hooks``: callables ``(task, feats, batch) -> feats`` applied in training after the per-sample
   modality masks, which is where forward-time methods (OPM) act;
-- ``last_step``: the detached features/outputs/batch of the latest training step when ``record_steps`` is on.
+- ``last_step``: the detached features/outputs/batch of the latest training step when ``record_steps`` is on;
+- ``eval_setting``: the robustness condition (:class:`avmoe.robustness.EvalSetting`: missing modality, corruption,
+  attack) applied to every validation / test / predict batch before the forward pass; None = clean.
 
 Subclasses implement :meth:`head_forward`, :meth:`compute_losses`, :meth:`make_metric`,
 :meth:`update_metric` and :meth:`sample_scores`, and for ``unimodal.mode: aux`` :meth:`make_unimodal_head`,
@@ -37,6 +39,7 @@ from avmoe.models.avmoe import AVMoEBackbone
 from avmoe.models.config import AVMoEConfig
 from avmoe.models.outputs import BackboneOutput
 from avmoe.files import write_json_atomic
+from avmoe.robustness.setting import EvalSetting, apply_setting
 from avmoe.tasks.predictions import gather_records
 
 Batch = dict[str, Any]
@@ -145,6 +148,7 @@ class AVTask(LightningModule):
         self.record_steps = False
         self.last_step: Optional[StepRecord] = None
         self._prediction_records: list[dict[str, Any]] = []
+        self.eval_setting: Optional[EvalSetting] = None  # robustness condition of val/test/predict batches
 
     # ---- task-specific pieces ---------------------------------------------------------------------------
     @abstractmethod
@@ -273,6 +277,7 @@ class AVTask(LightningModule):
     def _eval_step(self, batch: Batch, split: str) -> Outputs:
         if batch_size(batch) == 0:
             return {}
+        batch = apply_setting(self.eval_setting, self, batch)
         feats, outputs = self(batch)
         losses = self.compute_losses(outputs, batch)
         loss = torch.stack(list(losses.values())).sum()
@@ -334,6 +339,7 @@ class AVTask(LightningModule):
         return Path(self.trainer.default_root_dir) / "predictions" / f"{self.prediction_name}_predictions.json"
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        batch = apply_setting(self.eval_setting, self, batch)
         _, outputs = self(batch)
         result = self.predictions(batch, outputs)
         if self._trainer is not None:  # files go to the Trainer's run folder; a bare call only returns
