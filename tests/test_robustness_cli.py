@@ -12,7 +12,7 @@ import json
 import pytest
 import yaml
 
-from tests.helpers import TASK_CASES, task_config_problem, task_fit_args
+from tests.helpers import CONFIGS, TASK_CASES, task_config_problem, task_fit_args
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -78,3 +78,19 @@ def test_sweep_through_the_cli_writes_the_table_and_the_figure(task, request, tm
     tags = {t for run in events.Runs() for t in events.Runs()[run].get("scalars", [])}
     metric = next(k for k in clean if k != "test/loss").removeprefix("test/")
     assert f"robustness/{metric}/pgd_audio" in tags and f"robustness/{metric}/visual_only" in tags
+
+
+def test_validate_with_a_preset_records_the_setting(ave_release, tmp_path):
+    """``validate`` honours a preset config (here the paper's missing audio) and records it next to the metrics."""
+    runs = tmp_path / "runs"
+    args = [a for a in task_fit_args("ave", ave_release, runs, name="v", **{"trainer.limit_val_batches": 1})
+            if not a.startswith(("--trainer.max_", "--run.test_after_fit"))]
+    _run(["validate", *args])
+    clean = json.loads((runs / "v" / "metrics" / "val.json").read_text())["metrics"]
+    preset = str(CONFIGS / "robustness" / "missing_audio.yaml")
+    _run(["validate", *args, "--config", preset])
+    missing = json.loads((runs / "v" / "metrics" / "val.json").read_text())["metrics"]
+    recorded = json.loads((runs / "v" / "metrics" / "robustness_setting.json").read_text())
+    assert recorded["stage"] == "validate" and recorded["setting"]["missing"] == "audio"
+    assert recorded["setting"]["missing_fill"] == "raw"
+    assert missing["val/loss"] != clean["val/loss"]

@@ -2,6 +2,7 @@
 
 from avmoe.callbacks._distributed import ParameterChecksum
 from avmoe.callbacks.avs_visual import AVSMaskImages
+from avmoe.callbacks.crmt import CRMT
 from avmoe.callbacks.checkpointing import LatestCheckpoint, latest_checkpoint
 from avmoe.callbacks.metrics_json import MetricsJSON
 from avmoe.callbacks.ogm import OGM, OGMGE, ogm_coefficients
@@ -9,12 +10,14 @@ from avmoe.callbacks.opm import OPM, opm_drop_probabilities
 from avmoe.callbacks.parameters import ParameterSummary, parameter_breakdown
 from avmoe.callbacks.preemption import Preemption
 from avmoe.callbacks.progress import LineProgressBar, default_progress_bar
+from avmoe.callbacks.robustness import RobustEval
 from avmoe.callbacks.router_usage import RouterUsage, router_statistics
 from avmoe.callbacks.seeding import StepSeeding
 from avmoe.callbacks.valuation import ModalityValuation, shapley_contributions
 
 __all__ = [
     "AVSMaskImages",
+    "CRMT",
     "LatestCheckpoint",
     "LineProgressBar",
     "MetricsJSON",
@@ -24,8 +27,9 @@ __all__ = [
     "OPM",
     "ParameterChecksum",
     "ParameterSummary",
-    "RouterUsage",
     "Preemption",
+    "RobustEval",
+    "RouterUsage",
     "StepSeeding",
     "default_progress_bar",
     "latest_checkpoint",

@@ -52,6 +52,15 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return out.to(t.device)
 
 
+def all_reduce_max(t: Tensor) -> Tensor:
+    """Element-wise max of ``t`` over all ranks (a copy). Identity without DDP."""
+    if not is_distributed():
+        return t.clone()
+    out = t.detach().to(_collective_device(t)).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(t.device)
+
+
 def all_gather_rows(t: Tensor) -> Tensor:
     """Concatenate the rows of ``t`` (N_r, ...) from every rank in rank order; N_r may differ per rank."""
     if not is_distributed():

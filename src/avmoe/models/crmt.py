@@ -58,6 +58,12 @@ class OrthogonalFusion(nn.Module):
         self.dims = dict(dims)
         self.fc = nn.Linear(sum(self.dims.values()), num_classes)
         self.a = nn.ParameterDict({m: nn.Parameter(torch.full((num_classes,), float(a_init))) for m in dims})
+        # L^m_k of the trained model (CRMT stage 2 estimates it on the training set); saved with the checkpoint so
+        # that any later test reports the certified bound. Zero = not estimated yet.
+        self.register_buffer("lipschitz", torch.zeros(len(self.modalities), num_classes))
+
+    def lipschitz_dict(self) -> dict[str, Tensor]:
+        return {m: self.lipschitz[i] for i, m in enumerate(self.modalities)}
 
     def weights(self) -> dict[str, Tensor]:
         """The normalised class weights W~^m, each (C, d_m)."""

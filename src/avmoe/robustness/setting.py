@@ -234,6 +234,22 @@ class WaveCorruption:
 
 
 # ------------------------------------------------------------------------------------------------------ attacks
+def model_inputs(task: "AVTask", batch: dict[str, Any]) -> tuple[dict[str, Tensor], Any, Tensor, Tensor]:
+    """The tensors attacks (and Lipschitz estimates) differentiate: ``{"audio": log-mel, "visual": normalised
+    frames (B, T, 3, H, W)}``, a function mapping them back to a batch (frames as float pixels), and the
+    normalised pixel box ``(lo, hi)`` (1, 1, 3, 1, 1)."""
+    mean = task.backbone.pixel_mean.view(1, 1, 3, 1, 1)
+    std = task.backbone.pixel_std.view(1, 1, 3, 1, 1)
+    video = batch[VIDEO]
+    pixels = video.float() / 255.0 if not video.is_floating_point() else video.float()
+    inputs = {"audio": batch[AUDIO].float(), "visual": (pixels - mean) / std}
+
+    def to_batch(x: dict[str, Tensor]) -> dict[str, Any]:
+        return {**batch, AUDIO: x["audio"], VIDEO: x["visual"] * std + mean}
+
+    return inputs, to_batch, (0 - mean) / std, (1 - mean) / std
+
+
 def attack_batch(setting: EvalSetting, task: "AVTask", batch: dict[str, Any]) -> dict[str, Any]:
     """The batch with its log-mel and/or frames replaced by an L2 attack on the task's own loss.
 
@@ -244,15 +260,7 @@ def attack_batch(setting: EvalSetting, task: "AVTask", batch: dict[str, Any]) ->
     radii = setting.attack_radii()
     if setting.attack == "none" or not radii:
         return batch
-    mean = task.backbone.pixel_mean.view(1, 1, 3, 1, 1)
-    std = task.backbone.pixel_std.view(1, 1, 3, 1, 1)
-    video = batch[VIDEO]
-    pixels = video.float() / 255.0 if not video.is_floating_point() else video.float()
-    inputs = {"audio": batch[AUDIO].float(), "visual": (pixels - mean) / std}
-    lo, hi = (0 - mean) / std, (1 - mean) / std
-
-    def to_batch(x: dict[str, Tensor]) -> dict[str, Any]:
-        return {**batch, AUDIO: x["audio"], VIDEO: x["visual"] * std + mean}
+    inputs, to_batch, lo, hi = model_inputs(task, batch)
 
     def loss_fn(x: dict[str, Tensor]) -> Tensor:
         b = to_batch(x)

@@ -13,6 +13,7 @@ from avmoe.datamodules.ave import AVE_CATEGORIES
 from avmoe.datamodules.batch import INDEX
 from avmoe.metrics.ave import BACKGROUND, AVESegmentAccuracy, ave_segment_predictions
 from avmoe.models.config import AVMoEConfig
+from avmoe.models.crmt import OrthogonalFusion
 from avmoe.models.heads.ave import AVEHead, AVEHeadConfig
 from avmoe.models.heads.unimodal import Readout
 from avmoe.models.outputs import BackboneOutput
@@ -43,6 +44,10 @@ class AVETask(AVTask):
             their terms are masked out (mean over the clips with an event; 0, still attached to the graph, when a
             batch has none, so every batch logs the same three terms and every head parameter gets a gradient).
             ``official``: they count with video class 0, as ``AVMOE/AVE/main_trans_v3.py`` does.
+        crmt: take the clip's event class (``event_scores``) from a CRMT orthogonal fusion of the time-pooled
+            audio and visual features (``avmoe.models.crmt.OrthogonalFusion``) instead of the CMBS head, so the
+            class is a linear fusion of per-modality features and the CRMT callback applies; segment event /
+            background (``is_event``) and ``av_score`` stay the CMBS head's.
     """
 
     monitor = "val/acc"
@@ -55,6 +60,7 @@ class AVETask(AVTask):
         optim: OptimConfig = OptimConfig(),
         unimodal: UnimodalConfig = UnimodalConfig(),
         background_clips: Literal["exclude", "official"] = "exclude",
+        crmt: bool = False,
     ) -> None:
         super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
         if background_clips not in ("exclude", "official"):
@@ -63,13 +69,26 @@ class AVETask(AVTask):
         self.head_config = as_config(AVEHeadConfig, head)
         dims = self.backbone.feature_dims
         self.head = AVEHead(dims["visual"], dims["audio"], self.head_config)
+        self.crmt_fusion = (OrthogonalFusion({"audio": dims["audio"], "visual": dims["visual"]},
+                                             self.head_config.num_classes) if crmt else None)
         self.build_unimodal_heads()
         self.save_hyperparameters(plain({"backbone": self.backbone_config, "head": self.head_config,
                                          "optim": self.optim, "unimodal": self.unimodal,
-                                         "background_clips": background_clips}))
+                                         "background_clips": background_clips, "crmt": crmt}))
 
     def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
-        return self.head(feats.visual, feats.audio)
+        outputs = self.head(feats.visual, feats.audio)
+        if self.crmt_fusion is not None:
+            uni, fused = self.crmt_fusion({"audio": feats.audio.mean(1), "visual": feats.visual.mean(1)})  # (B, C)
+            outputs = {**outputs, "event_scores": fused, "crmt_audio": uni["audio"], "crmt_visual": uni["visual"]}
+        return outputs
+
+    def crmt_logits(self, outputs: Outputs, batch: Batch) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """The clips with an event: their CRMT uni-modal and fused class logits and the video class."""
+        cls, has_event = video_class(batch["label"])
+        rows = has_event.nonzero().squeeze(1)
+        uni = {m: outputs[f"crmt_{m}"][rows] for m in ("audio", "visual")}
+        return uni, outputs["event_scores"][rows], cls[rows], rows
 
     # ---- auxiliary uni-modal heads ------------------------------------------------------------------------
     def make_unimodal_head(self, modality: str) -> nn.Module:

@@ -11,6 +11,8 @@ balancing callbacks rely on:
 - ``feature_hooks``: callables ``(task, feats, batch) -> feats`` applied in training after the per-sample
   modality masks, which is where forward-time methods (OPM) act;
 - ``last_step``: the detached features/outputs/batch of the latest training step when ``record_steps`` is on;
+- ``loss_hooks``: callables ``(task, outputs, batch, losses) -> losses`` applied to the named training losses
+  (add a term, or replace them: CRMT's margin regulariser and its stage-2 objective);
 - ``eval_setting``: the robustness condition (:class:`avmoe.robustness.EvalSetting`: missing modality, corruption,
   attack) applied to every validation / test / predict batch before the forward pass; None = clean.
 
@@ -45,6 +47,7 @@ from avmoe.tasks.predictions import gather_records
 Batch = dict[str, Any]
 Outputs = dict[str, Tensor]
 FeatureHook = Callable[["AVTask", BackboneOutput, Batch], BackboneOutput]
+LossHook = Callable[["AVTask", Outputs, Batch, dict[str, Tensor]], dict[str, Tensor]]
 C = TypeVar("C")
 OMITTED_KEY = "omitted_frozen_prefixes"  # checkpoint entry naming the encoder weights left out of it
 
@@ -145,6 +148,7 @@ class AVTask(LightningModule):
         if self.unimodal.eval_correctness:
             self.metrics.update({"val_unimodal": UnimodalCorrectness(), "test_unimodal": UnimodalCorrectness()})
         self.feature_hooks: list[FeatureHook] = []
+        self.loss_hooks: list[LossHook] = []
         self.record_steps = False
         self.last_step: Optional[StepRecord] = None
         self._prediction_records: list[dict[str, Any]] = []
@@ -186,6 +190,12 @@ class AVTask(LightningModule):
     def unimodal_sample_loss(self, modality: str, outputs: Outputs, batch: Batch) -> Tensor:
         """Per-sample training loss (B,) of an auxiliary head's outputs."""
         raise NotImplementedError(f"{type(self).__name__} has no auxiliary uni-modal heads; use unimodal.mode: zero")
+
+    def crmt_logits(self, outputs: Outputs, batch: Batch) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """CRMT's view of the outputs: uni-modal logits ``{m: (N, C)}``, fused logits (N, C) and labels (N,) of the
+        N samples that carry a class, and their row index (N,) in the batch. Tasks with a CRMT fusion head
+        (``self.crmt_fusion``) implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no CRMT fusion head")
 
     def head_modality_modules(self) -> dict[str, list[nn.Module]]:
         """Head modules owned by one modality. Override when the head has uni-modal branches."""
@@ -263,6 +273,8 @@ class AVTask(LightningModule):
         losses = self.compute_losses(outputs, batch)
         if self.unimodal_heads is not None:
             losses.update(self.unimodal_losses(feats, batch))
+        for hook in self.loss_hooks:
+            losses = hook(self, outputs, batch, losses)
         loss = torch.stack(list(losses.values())).sum() + feats.aux_loss
         bs = batch_size(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

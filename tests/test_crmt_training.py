@@ -1,0 +1,104 @@
+"""CRMT training through the CLI (stage 1 -> stage 2 with --run.init_from -> test) and its pieces on a task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from avmoe.callbacks.crmt import CRMT, crmt_fusion
+from tests.helpers import CONFIGS, task_fit_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def crmt_task():
+    from avmoe.models.heads.ave import AVEHeadConfig
+    from avmoe.models.presets import tiny_config
+    from avmoe.tasks.ave import AVETask
+
+    torch.manual_seed(0)
+    head = AVEHeadConfig(visual_dim=32, audio_dim=16, d_model=32, num_heads=2, ff_dim=64, num_layers=1, topk=2,
+                         num_classes=3)
+    return AVETask(backbone=tiny_config(), head=head, crmt=True)
+
+
+def _batch(task, b: int = 2) -> dict:
+    cfg = task.backbone_config
+    g = torch.Generator().manual_seed(0)
+    label = torch.full((b, 10), 28)
+    label[:, 2:8] = torch.arange(b)[:, None] % 3
+    return {"video": torch.randint(0, 255, (b, 10, 3, cfg.visual.image_size, cfg.visual.image_size),
+                                   dtype=torch.uint8, generator=g),
+            "audio": torch.randn(b, 10, 101, cfg.audio.num_mel_bins, generator=g),
+            "audio_mask": torch.ones(b), "visual_mask": torch.ones(b), "index": torch.arange(b), "label": label}
+
+
+def test_tasks_without_a_linear_fusion_head_fail_clearly(crmt_task):
+    with pytest.raises(ValueError, match="crmt: true"):  # AVE without the option
+        crmt_fusion(_NoCRMT(with_attr=True))
+    with pytest.raises(ValueError, match="not a linear fusion"):
+        crmt_fusion(_NoCRMT(with_attr=False))
+    assert crmt_fusion(crmt_task) is crmt_task.crmt_fusion
+
+
+class _NoCRMT(torch.nn.Module):
+    def __init__(self, with_attr: bool) -> None:
+        super().__init__()
+        if with_attr:
+            self.crmt_fusion = None
+
+
+def test_crmt_class_is_the_orthogonal_fusion_and_the_margin_joins_the_loss(crmt_task):
+    batch = _batch(crmt_task)
+    crmt_task.train()
+    _, out = crmt_task(batch)
+    uni, fused, labels, rows = crmt_task.crmt_logits(out, batch)
+    a = crmt_task.crmt_fusion.a
+    assert torch.allclose(fused, a["audio"] * uni["audio"] + a["visual"] * uni["visual"]
+                          + crmt_task.crmt_fusion.fc.bias, atol=1e-6)
+    callback = CRMT(stage=1)
+    losses = callback._loss_hook(crmt_task, out, batch, {"loss_task": torch.tensor(1.0)})
+    assert set(losses) == {"loss_task", "loss_crmt_margin"} and float(losses["loss_crmt_margin"]) != 0
+    stage2 = CRMT(stage=2)._loss_hook(crmt_task, out, batch, {"loss_task": torch.tensor(1.0)})
+    assert set(stage2) == {"loss_crmt_bound"}  # stage 2 trains on the bound alone
+
+
+def test_crmt_at_perturbs_the_inputs_within_the_box(crmt_task):
+    batch = _batch(crmt_task)
+    clean_audio = batch["audio"].clone()
+    clean_video = batch["video"].float() / 255
+    CRMT(stage=1, adversarial=True, at_eps=0.1, at_steps=2).on_train_batch_start(None, crmt_task, batch, 0)
+    da = batch["audio"] - clean_audio
+    std = crmt_task.backbone.pixel_std.view(1, 1, 3, 1, 1)
+    dv = (batch["video"] - clean_video) / std  # normalised units, where the official clamp acts
+    assert da.abs().max() <= 0.2 + 1e-5 and dv.abs().max() <= 0.2 + 1e-4
+    assert da.abs().max() > 0 and dv.abs().max() > 0
+
+
+@pytest.mark.slow
+def test_two_stage_crmt_through_the_cli(ave_release, tmp_path):
+    from avmoe.cli import cli_main
+
+    runs = tmp_path / "runs"
+    common = {"trainer.limit_val_batches": 0, "trainer.max_steps": 2, "model.init_args.head.num_classes": 3}
+    cli_main(["fit", *task_fit_args("ave", ave_release, runs, name="s1", **common),
+              "--config", str(CONFIGS / "callbacks" / "crmt_stage1.yaml")])
+    s1 = runs / "s1" / "checkpoints" / "last.ckpt"
+    cli_main(["fit", *task_fit_args("ave", ave_release, runs, name="s2", **common),
+              "--config", str(CONFIGS / "callbacks" / "crmt_stage2.yaml"), f"--run.init_from={s1}",
+              "--trainer.callbacks.init_args.lipschitz_batches=1"])
+    s2 = runs / "s2" / "checkpoints" / "last.ckpt"
+    before = torch.load(s1, weights_only=True)["state_dict"]
+    after = torch.load(s2, weights_only=True)["state_dict"]
+    changed = {k for k in after if not torch.equal(before[k], after[k])
+               and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}  # BN statistics move
+    assert changed == {"crmt_fusion.a.audio", "crmt_fusion.a.visual", "crmt_fusion.lipschitz"}, changed  # only a^m
+    assert (after["crmt_fusion.lipschitz"] > 0).all()
+    args = [a for a in task_fit_args("ave", ave_release, runs, name="s2", **{"model.init_args.head.num_classes": 3})
+            if not a.startswith(("--trainer.max_", "--run.test_after_fit"))]
+    cli_main(["test", *args, "--config", str(CONFIGS / "callbacks" / "crmt_stage2.yaml"), "--ckpt_path", str(s2)])
+    metrics = json.loads((runs / "s2" / "metrics" / "test.json").read_text())["metrics"]
+    assert "test/crmt_bound" in metrics and torch.isfinite(torch.tensor(metrics["test/crmt_bound"]))
