@@ -9,6 +9,7 @@ import torch
 
 from avmoe.callbacks.crmt import CRMT, crmt_fusion
 from tests.helpers import CONFIGS, task_fit_args
+from tests.test_callbacks import imbalanced_release  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,3 +103,67 @@ def test_two_stage_crmt_through_the_cli(ave_release, tmp_path):
     cli_main(["test", *args, "--config", str(CONFIGS / "callbacks" / "crmt_stage2.yaml"), "--ckpt_path", str(s2)])
     metrics = json.loads((runs / "s2" / "metrics" / "test.json").read_text())["metrics"]
     assert "test/crmt_bound" in metrics and torch.isfinite(torch.tensor(metrics["test/crmt_bound"]))
+
+
+# ------------------------------------------------------------------------------------------- DDP and resume
+def _crmt_task(seed: int = 0):
+    from avmoe.models.presets import tiny_config
+    from avmoe.tasks.ave import AVETask
+    from avmoe.tasks.base import OptimConfig
+    from tests.test_callbacks import HEAD
+
+    torch.manual_seed(seed)
+    return AVETask(backbone=tiny_config(), head=HEAD, optim=OptimConfig(lr=1e-2, step_size=None), crmt=True)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_stage2_under_ddp_all_reduces_the_lipschitz_constants(imbalanced_release, tmp_path):
+    """2-process DDP (spawn): the replicas stay identical and the stored constants are the max over the whole
+    training set (every rank's shard), the same as one process estimating them on all of it."""
+    import lightning as L
+    from types import SimpleNamespace
+
+    from avmoe.callbacks import ParameterChecksum
+    from tests.test_callbacks import make_datamodule
+    from tests.test_callbacks_ddp import _digests
+
+    callback = CRMT(stage=2)
+    trainer = L.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path),
+                        callbacks=[callback, ParameterChecksum(dirpath=str(tmp_path / "sums"), every_n_steps=1)])
+    task = _crmt_task()
+    trainer.fit(task, make_datamodule(imbalanced_release, batch_size=2))
+    rank0, rank1 = _digests(tmp_path / "sums")
+    assert len(rank0) >= 2 and rank0 == rank1
+    single = _crmt_task()  # the same initial weights, one process, the whole training set
+    dm = make_datamodule(imbalanced_release, batch_size=2)
+    dm.setup("fit")
+    expected = CRMT(stage=2).estimate_lipschitz(SimpleNamespace(datamodule=dm), single)
+    torch.testing.assert_close(task.crmt_fusion.lipschitz, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_stage2_resume_continues_identically_without_re_estimating(imbalanced_release, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.test_callbacks import make_datamodule, make_trainer
+
+    def fit(root, epochs, ckpt=None):
+        task, callback = _crmt_task(), CRMT(stage=2, lipschitz_batches=1)
+        calls = []
+        original = callback.estimate_lipschitz
+        callback.estimate_lipschitz = lambda *a: calls.append(1) or original(*a)
+        checkpoint = ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, save_top_k=0)
+        trainer = make_trainer(root, [callback, checkpoint], max_epochs=epochs, enable_checkpointing=True)
+        trainer.fit(task, make_datamodule(imbalanced_release, batch_size=4, seeded=True), ckpt_path=ckpt)
+        return task, calls
+
+    straight, calls_a = fit(tmp_path / "a", 2)
+    fit(tmp_path / "b", 1)
+    resumed, calls_b = fit(tmp_path / "b", 2, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert calls_a == [1] and calls_b == []  # the resumed run takes the constants from its checkpoint
+    for (name, p_a), p_b in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p_b, p_a, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(straight.crmt_fusion.a["audio"], _crmt_task().crmt_fusion.a["audio"])
