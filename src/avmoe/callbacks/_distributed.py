@@ -43,22 +43,22 @@ def _collective_device(t: Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum of ``t`` over all ranks (a copy; ``t`` itself is untouched). Identity without DDP."""
+def _all_reduce(t: Tensor, op: str) -> Tensor:
     if not is_distributed():
         return t.clone()
     out = t.detach().to(_collective_device(t)).clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=getattr(dist.ReduceOp, op))
     return out.to(t.device)
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum of ``t`` over all ranks (a copy; ``t`` itself is untouched). Identity without DDP."""
+    return _all_reduce(t, "SUM")
 
 
 def all_reduce_max(t: Tensor) -> Tensor:
     """Element-wise max of ``t`` over all ranks (a copy). Identity without DDP."""
-    if not is_distributed():
-        return t.clone()
-    out = t.detach().to(_collective_device(t)).clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out.to(t.device)
+    return _all_reduce(t, "MAX")
 
 
 def all_gather_rows(t: Tensor) -> Tensor:
