@@ -101,7 +101,7 @@ def test_two_stage_crmt_through_the_cli(ave_release, tmp_path):
     args = [a for a in task_fit_args("ave", ave_release, runs, name="s2", **{"model.init_args.head.num_classes": 3})
             if not a.startswith(("--trainer.max_", "--run.test_after_fit"))]
     cli_main(["test", *args, "--config", str(CONFIGS / "callbacks" / "crmt_stage2.yaml"), "--ckpt_path", str(s2)])
-    metrics = json.loads((runs / "s2" / "metrics" / "test.json").read_text())["metrics"]
+    metrics = json.loads((runs / "s2" / "metrics" / "test_test.json").read_text())["metrics"]
     assert "test/crmt_bound" in metrics and torch.isfinite(torch.tensor(metrics["test/crmt_bound"]))
 
 

@@ -57,7 +57,7 @@ def test_sweep_through_the_cli_writes_the_table_and_the_figure(task, request, tm
     table = json.loads((metrics / "robustness.json").read_text())
     rows = {r["name"]: r for r in table["rows"]}
     assert list(rows) == ["clean", "visual_only", "audio_white_noise", "visual_occlusion", "pgd_audio"]
-    clean = json.loads((metrics / "test.json").read_text())["metrics"]
+    clean = json.loads((metrics / "test_test.json").read_text())["metrics"]
     assert rows["clean"]["metrics"] == pytest.approx(clean)  # test.json stays the clean test
     assert rows["visual_only"]["setting"] == {"missing": "audio", "missing_fill": "raw"}  # the fill is recorded
     assert rows["audio_white_noise"]["setting"]["snr_db"] == 0.0
@@ -73,7 +73,7 @@ def test_sweep_through_the_cli_writes_the_table_and_the_figure(task, request, tm
 
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
-    events = EventMultiplexer().AddRunsFromDirectory(str(runs / task))
+    events = EventMultiplexer().AddRunsFromDirectory(str(runs / task / "robustness"))
     events.Reload()
     tags = {t for run in events.Runs() for t in events.Runs()[run].get("scalars", [])}
     metric = next(k for k in clean if k != "test/loss").removeprefix("test/")
@@ -86,10 +86,10 @@ def test_validate_with_a_preset_records_the_setting(ave_release, tmp_path):
     args = [a for a in task_fit_args("ave", ave_release, runs, name="v", **{"trainer.limit_val_batches": 1})
             if not a.startswith(("--trainer.max_", "--run.test_after_fit"))]
     _run(["validate", *args])
-    clean = json.loads((runs / "v" / "metrics" / "val.json").read_text())["metrics"]
+    clean = json.loads((runs / "v" / "metrics" / "validate_val.json").read_text())["metrics"]
     preset = str(CONFIGS / "robustness" / "missing_audio.yaml")
     _run(["validate", *args, "--config", preset])
-    missing = json.loads((runs / "v" / "metrics" / "val.json").read_text())["metrics"]
+    missing = json.loads((runs / "v" / "metrics" / "validate_val.json").read_text())["metrics"]
     recorded = json.loads((runs / "v" / "metrics" / "robustness_setting.json").read_text())
     assert recorded["stage"] == "validate" and recorded["setting"]["missing"] == "audio"
     assert recorded["setting"]["missing_fill"] == "raw"

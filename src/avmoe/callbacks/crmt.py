@@ -14,7 +14,7 @@ Source: github.com/GeWu-Lab/Certifiable-Robust-Multi-modal-Training ``train.py``
    task's (``optim`` in the stage-2 config), not the official SGD(lr 0.03 lr, momentum 0.9, wd 1e-2).
 
 At test time (any stage, once the constants exist) the certified lower bound of every clip with a class is
-computed and its mean logged as ``test/crmt_bound`` (so it lands in ``metrics/test.json``).
+computed and its mean logged as ``test/crmt_bound`` (so it lands in the test's metrics JSON, e.g. ``metrics/test_test.json``).
 
 Only tasks whose class prediction is a linear fusion of per-modality features qualify: AVE with ``crmt: true``
 (the clip class from :class:`~avmoe.models.crmt.OrthogonalFusion`). The AVE CMBS head, AVVP's HAN, the AVS decoder
