@@ -38,7 +38,7 @@ from avmoe.callbacks.checkpointing import ExceptionCheckpoint, LatestCheckpoint,
 from avmoe.callbacks.metrics_json import MetricsJSON
 from avmoe.callbacks.progress import default_progress_bar
 from avmoe.callbacks.seeding import StepSeeding
-from avmoe.datamodules.base import AVDataModule
+from lightning.pytorch import LightningDataModule
 from avmoe.tasks.base import AVTask
 
 SIGTERM_EXIT_CODE = 143
@@ -194,6 +194,8 @@ def init_weights(model: LightningModule, ckpt_path: str, strict: bool = True) ->
     if not path.is_file():
         raise FileNotFoundError(f"run.init_from: checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in ckpt and hasattr(model, "adapt_checkpoint"):  # single-task <-> multitask layouts
+        ckpt = model.adapt_checkpoint(ckpt)
     if "state_dict" in ckpt:
         # The task's own hook first: it restores omitted frozen encoder weights and rebuilds parts that depend on
         # the checkpoint (AVQA builds its vocabulary-sized layers from the stored vocabularies).
@@ -224,7 +226,7 @@ def cli_main(args: ArgsType = None) -> None:
     try:
         AVMoECLI(
             AVTask,
-            AVDataModule,
+            LightningDataModule,  # AVDataModule subclasses, or MultitaskDataModule combining them
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
