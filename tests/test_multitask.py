@@ -278,3 +278,54 @@ def test_ddp_two_processes_replicas_identical_and_undrawn_member_unchanged(ave_r
     start, end = members[0]["start"], members[0]["end"]
     assert start["ave"] != end["ave"] and start["avvp"] != end["avvp"]
     assert start["ave2"] == end["ave2"], "a member no rank drew must stay exactly as initialised"
+
+
+def test_balancing_callbacks_on_the_multitask_module(ave_release, llp_release, tmp_path):
+    """OGM-GE acts through the member of each step's batch; valuation refuses at fit start (it re-samples one
+    AVDataModule's train set, which a multitask DataModule does not have)."""
+    from avmoe.callbacks import OGMGE, ModalityValuation
+
+    torch.manual_seed(0)
+    model = _module()
+    dm = _datamodule(ave_release, llp_release, sampling="round_robin", steps_per_epoch=2)
+    ogm = OGMGE()
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[ogm])
+    trainer.fit(model, datamodule=dm)
+    logged = {k for k in trainer.callback_metrics if k.startswith(ogm.prefix)}
+    assert logged, "OGM-GE logged no statistic on the multitask module"
+    with pytest.raises(TypeError, match="needs an AVDataModule"):
+        Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                limit_val_batches=0, default_root_dir=tmp_path,
+                callbacks=[ModalityValuation()]).fit(_module(), datamodule=_datamodule(ave_release, llp_release))
+
+
+def test_figures_timelines_segments_and_embeddings(ave_release, llp_release, tmp_path):
+    """The AVVP timeline, AVE segment and embedding callbacks on the multitask module: TensorBoard images and
+    projector data at validation/test, PNGs in the run folder at test."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from avmoe.callbacks import AVESegments, AVVPTimelines, FeatureEmbeddings
+
+    torch.manual_seed(0)
+    model = _module()
+    logger = TensorBoardLogger(str(tmp_path), name="", version="")
+    trainer = Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, default_root_dir=tmp_path,
+                      callbacks=[AVVPTimelines(num_videos=2), AVESegments(num_videos=2), FeatureEmbeddings()])
+    dm = _datamodule(ave_release, llp_release)
+    trainer.validate(model, datamodule=dm)
+    trainer.test(model, datamodule=dm)
+    logger.experiment.flush()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0}).Reload()
+    tags = set(events.Tags()["images"])
+    assert {"figures/avvp_timeline/0", "figures/avvp_timeline/1", "figures/ave_segments/0"} <= tags, tags
+    pngs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
+    assert pngs == ["figures_ave_segments_0.png", "figures_ave_segments_1.png", "figures_avvp_timeline_0.png",
+                    "figures_avvp_timeline_1.png"]
+    projector = (tmp_path / "projector_config.pbtxt").read_text()
+    assert "embeddings/audio" in projector and "embeddings/visual" in projector
+    found = sorted(tmp_path.rglob("metadata.tsv"))
+    assert len(found) == 2, sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    labels = found[0].read_text().splitlines()
+    assert labels and all(line.split(":")[0] in ("ave", "avvp") for line in labels)
