@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 # core, and tiny models gain nothing from threads (2 threads made the demo ~10x slower through oversubscription).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help install demo test test-fast bench-cpu clean
+.PHONY: help install demo demo-multitask test test-fast bench-cpu clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -26,6 +26,13 @@ demo: install  ## write the synthetic AVE release (if absent), train a tiny AVMo
 	$(PY) -m avmoe.datamodules.synthetic ave --root $(DEMO_DATA)
 	$(VENV)/bin/lightning fit --config lightning_configs/demo.yaml --data.init_args.root $(DEMO_DATA)
 
+demo-multitask: install  ## the four synthetic releases (if absent), one tiny backbone trained on AVE + AVVP + AVQA + AVS at once
+	$(PY) -m avmoe.datamodules.synthetic ave --root data/demo_ave
+	$(PY) -m avmoe.datamodules.synthetic llp --root data/demo_llp
+	$(PY) -m avmoe.datamodules.synthetic musicavqa --root data/demo_avqa
+	$(PY) -m avmoe.datamodules.synthetic avs_s4 --root data/demo_avs_s4
+	$(VENV)/bin/lightning fit --config lightning_configs/demo_multitask.yaml
+
 test: install  ## the whole suite (CPU; slow and 2-process DDP tests included)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
@@ -33,4 +40,4 @@ test-fast: install  ## the suite without slow / DDP tests
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow and not ddp" $(PYTEST_ARGS)
 
 clean:  ## remove runs, demo data and caches (keeps the venv)
-	rm -rf runs data/demo_ave .pytest_cache
+	rm -rf runs data/demo_ave data/demo_llp data/demo_avqa data/demo_avqa_cache data/demo_avs_s4 .pytest_cache
