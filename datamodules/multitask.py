@@ -134,6 +134,9 @@ class TaskSampler:
         self.drawn = {n: 0 for n in self.names}  # batches drawn per task this epoch (diagnostics)
         self._iters: dict[str, Iterator[Any]] = {}
         self._resume: Optional[tuple[int, int]] = None
+        # Restored loader states not started since the restore: a loader reports its position only once it
+        # starts, so until then its state is the restored one (else a second save would lose the position).
+        self._pending: dict[str, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return self.steps
@@ -159,6 +162,7 @@ class TaskSampler:
                 if sampler is not None:
                     sampler.set_epoch(self.passes[name])
                 self._iters[name] = iter(loader)
+                self._pending.pop(name, None)
             try:
                 batch = next(self._iters[name])
                 self.drawn[name] += 1
@@ -169,8 +173,9 @@ class TaskSampler:
         raise RuntimeError(f"multitask: the {name} train loader yields no batch")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "passes": dict(self.passes), "steps": self.steps,
-                "loaders": {n: l.state_dict() for n, l in self.loaders.items()}}
+        epoch, step = self._resume if self._resume is not None else (self.epoch, self.step)
+        return {"epoch": epoch, "step": step, "passes": dict(self.passes), "steps": self.steps,
+                "loaders": {n: self._pending.get(n) or l.state_dict() for n, l in self.loaders.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state.get("loaders", {})) != self.names or state.get("steps") != self.steps:
@@ -179,6 +184,7 @@ class TaskSampler:
         self.passes = {n: int(v) for n, v in state["passes"].items()}
         for name, loader in self.loaders.items():
             loader.load_state_dict(state["loaders"][name])
+        self._pending = {n: dict(state["loaders"][n]) for n in self.names}
         self._iters = {}
         self._resume = (int(state["epoch"]), int(state["step"]))
 

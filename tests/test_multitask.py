@@ -118,6 +118,7 @@ def test_sampler_resumes_mid_epoch_exactly_and_loaders_continue_their_passes():
         e2 = [e1[0]]
         resumed = make(e2)
         resumed.load_state_dict(state)
+        assert resumed.state_dict() == state, "a restored sampler saved before it runs keeps the position"
         tail = run(resumed, e2, range(e1[0], 3))
         assert head + tail == reference, f"resume after {cut} steps differs"
 
@@ -329,3 +330,46 @@ def test_figures_timelines_segments_and_embeddings(ave_release, llp_release, tmp
     assert len(found) == 2, sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     labels = found[0].read_text().splitlines()
     assert labels and all(line.split(":")[0] in ("ave", "avvp") for line in labels)
+
+
+# ---- exact mid-epoch resume through the CLI --------------------------------------------------------------------
+def _mt_config(ave_release, llp_release, folder: Path) -> Path:
+    common = {"batch_size": 2, "num_workers": 0, "image_size": 64, "audio": {"n_mels": 32}, "limit_samples": 5}
+    config = {
+        "seed_everything": 0,
+        "run": {"test_after_fit": False, "step_seeding": True},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 2, "num_sanity_val_steps": 0,
+                    "limit_val_batches": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "log_every_n_steps": 1},
+        "model": {"class_path": "avmoe.tasks.MultitaskModule", "init_args": {
+            "backbone": plain(tiny_config()), "loss_weighting": "uncertainty", "tasks": copy.deepcopy(TASKS)}},
+        "data": {"class_path": "avmoe.datamodules.MultitaskDataModule", "init_args": {
+            "sampling": "temperature", "steps_per_epoch": 2, "tasks": {
+                "ave": {"class_path": "avmoe.datamodules.AVEDataModule",
+                        "init_args": {"root": str(ave_release), **common}},
+                "avvp": {"class_path": "avmoe.datamodules.LLPDataModule",
+                         "init_args": {"root": str(llp_release), **common}}}}},
+    }
+    path = folder / "mt.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_mid_epoch_sigterm_resumes_the_task_sampler_bit_for_bit(ave_release, llp_release, in_tmp):
+    from avmoe.cli import SIGTERM_EXIT_CODE
+    from tests.test_resume import assert_identical, load, run_cli
+
+    cfg = str(_mt_config(ave_release, llp_release, in_tmp))
+    runs = in_tmp / "runs"
+    assert run_cli(["fit", "--config", cfg, f"--run.root={runs}", "--run.name=ref"]) == 0
+    want = runs / "ref" / "checkpoints" / "last.ckpt"
+    assert load(want)["global_step"] == 4
+    cut = ["fit", "--config", cfg, f"--run.root={runs}", "--run.name=cut"]
+    signal = ["--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=3"]
+    assert run_cli([*cut, *signal]) == SIGTERM_EXIT_CODE
+    state = load(runs / "cut" / "checkpoints" / "on_exception.ckpt")
+    sampler = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (state["global_step"], sampler["epoch"], sampler["step"]) == (3, 1, 1), "mid-epoch 1, after 1 step"
+    assert run_cli([*cut, "--ckpt_path=last"]) == 0
+    assert_identical(runs / "cut" / "checkpoints" / "last.ckpt", want)
