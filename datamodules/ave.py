@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from .audio import LogMel, LogMelConfig
 from .base import AVDataModule, ClipDataset, DecodePolicy, resize_frames
 from .decoding import DecodeError, VideoBackend, read_audio, read_frames
+from .folder import folder_table, folder_videos, make_folder_dataset
 
 # Official class order (first appearance in Annotations.txt), spelled as in the files.
 AVE_CATEGORIES: tuple[str, ...] = (
@@ -251,6 +252,13 @@ class AVEDataModule(AVDataModule):
         if self._annotations is None:
             self._annotations = read_ave_list(self._check_layout() / ANNOTATIONS_FILE)
         return self._annotations
+
+    def build_folder_dataset(self, folder: str) -> Dataset:
+        files = folder_videos(folder)
+        table = folder_table(files, class_index=BACKGROUND, start=0, end=0)  # no labels: all background
+        return make_folder_dataset(AVEDataset, files, str(folder), table, image_size=self.image_size,
+                                   audio=self.audio, video_backend=self.video_backend,
+                                   audio_source=self.audio_source, on_decode_error=self.on_decode_error)
 
     def build_dataset(self, split: str) -> Dataset:
         root = self._check_layout()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 from abc import ABC, abstractmethod
 from typing import Any, Literal, Optional
 
@@ -23,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -31,6 +31,7 @@ from .audio import LogMelConfig
 from .batch import AUDIO_MASK, INDEX, SKIPPED, VISUAL_MASK, SkippedSample, collate
 from .decoding import DecodeError, VideoBackend
 from .sampling import EpochSampler, ResumableDataLoader, SeededItems
+from .skipped import SkippedClips
 
 DecodePolicy = Literal["raise", "skip"]
 Split = Literal["train", "val", "test"]
@@ -45,12 +46,20 @@ STAGE_SPLITS: dict[Optional[str], tuple[str, ...]] = {
 
 
 def worker_init(worker_id: int, rank: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: Lightning's per-worker seeding plus single-threaded BLAS.
+    """DataLoader ``worker_init_fn``: SIGTERM/SIGINT ignored, Lightning's per-worker seeding, single-threaded BLAS.
+
+    SLURM, torchrun (``os.killpg``) and Ctrl-C signal the whole process group, workers included. PyTorch's worker
+    handler dies on a SIGTERM that does not come from its parent, and the main process then fails with "DataLoader
+    worker (pid N) is killed by signal: Terminated" before it can checkpoint. Workers ignore both: the main
+    process decides when to stop (``avmoe.callbacks.preemption``) and shuts its workers down (Lightning's
+    teardown); a worker whose main process is gone exits by itself (PyTorch's watchdog).
 
     A forked worker inherits the parent's OpenBLAS thread pool; its spin-waiting threads then
     compete with the other workers for the cores (measured here: a 40-item loader 0.45 s -> 5.7 s,
     minutes under load). Workers are the parallelism, so BLAS gets one thread per worker.
     """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # SIG_IGN, not a Python handler: no EINTR inside decoders
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     pl_worker_init_function(worker_id, rank=rank)
     try:
         from threadpoolctl import threadpool_limits  # noqa: PLC0415 - optional (via scikit-learn)
@@ -155,12 +164,15 @@ class AVDataModule(LightningDataModule, ABC):
         root: dataset root folder (layout per task).
         batch_size: training batch size.
         eval_batch_size: validation/test/predict batch size; None uses ``batch_size``.
+        predict_dir: ``predict`` on the ``*.mp4`` files of this folder (your own videos, decoded like the
+            dataset's clips; see :mod:`avmoe.datamodules.folder`) instead of the test split. None: the test split.
         num_workers: DataLoader worker processes (0 = decode in the main process).
         image_size: frames are resized to ``image_size x image_size`` in the worker.
         audio: log-mel front end (rate, STFT, mel, segment length, pad tolerance).
         video_backend: frame decoder: ``auto`` (decord, PyAV fallback), ``decord`` or ``pyav``.
         on_decode_error: ``raise`` stops on an undecodable clip; ``skip`` drops it from the batch,
-            records it in ``skipped_clips`` and warns once per file.
+            records it in ``skipped_clips`` / ``num_skipped`` and warns once per file (under DDP: gathered from
+            every rank and reported by rank 0, see :meth:`record_skipped`).
         pin_memory: pin host memory; None pins when the trainer runs on a CUDA device.
         persistent_workers: keep workers alive between epochs (only used when ``num_workers > 0``).
         limit_samples: use only the first N samples of every split (smoke runs); None uses all.
@@ -182,8 +194,12 @@ class AVDataModule(LightningDataModule, ABC):
         persistent_workers: bool = True,
         limit_samples: Optional[int] = None,
         seed: Optional[int] = None,
+        predict_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
         # A checkpoint's hparams hold ``audio`` as a dict (see below); accept it back.
         audio = audio if isinstance(audio, LogMelConfig) else LogMelConfig(**dict(audio))
         self.save_hyperparameters()
@@ -191,6 +207,7 @@ class AVDataModule(LightningDataModule, ABC):
         self.save_hyperparameters({**self.hparams, "audio": dataclasses.asdict(audio)})
         self.root = root
         self.batch_size = batch_size
+        self.predict_dir = predict_dir
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.image_size = image_size
@@ -201,10 +218,8 @@ class AVDataModule(LightningDataModule, ABC):
         self.persistent_workers = persistent_workers
         self.limit_samples = limit_samples
         self.seed = seed
-        self.skipped_clips: dict[str, str] = {}
-        """Clips dropped under ``on_decode_error="skip"``: path -> reason."""
-        self.num_skipped = 0
-        """Number of skipped samples seen (a clip skipped every epoch counts every time)."""
+        self.skipped = SkippedClips()
+        """Clips dropped under ``on_decode_error="skip"``, gathered over DDP ranks (``datamodules/skipped.py``)."""
         self._datasets: dict[str, Dataset] = {}
         self._train_plan: Optional[dict[str, Optional[np.ndarray]]] = None
 
@@ -214,7 +229,13 @@ class AVDataModule(LightningDataModule, ABC):
     def build_dataset(self, split: str) -> Dataset:
         """Build the Dataset of ``split`` (``train``/``val``/``test``); called from ``setup``."""
 
+    def build_folder_dataset(self, folder: str) -> Dataset:
+        """The Dataset of the mp4 files in ``folder`` (``predict_dir``); tasks that support it override this."""
+        raise ValueError(f"{type(self).__name__} does not support data.predict_dir (AVE and LLP do)")
+
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "predict" and self.predict_dir is not None:
+            return  # the folder's dataset is built by predict_dataloader; the release root is not needed
         for split in STAGE_SPLITS.get(stage, SPLITS):
             self.dataset(split)
 
@@ -283,8 +304,8 @@ class AVDataModule(LightningDataModule, ABC):
         return ResumableDataLoader(SeededItems(dataset, seed), batch_size=self.batch_size, sampler=sampler,
                                    drop_last=False, generator=torch.Generator(), **self._loader_kwargs())
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        dataset = self.dataset(split)
+    def _eval_loader(self, split: str, dataset: Optional[Dataset] = None) -> DataLoader:
+        dataset = self.dataset(split) if dataset is None else dataset
         world, rank = self._distribution()
         sampler = None
         if world > 1:
@@ -303,6 +324,8 @@ class AVDataModule(LightningDataModule, ABC):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
+        if self.predict_dir is not None:
+            return self._eval_loader(f"predict_dir {self.predict_dir}", self.build_folder_dataset(self.predict_dir))
         return self._eval_loader("test")
 
     # ------------------------------------------------------------------ skipped clips
@@ -314,16 +337,27 @@ class AVDataModule(LightningDataModule, ABC):
         return batch
 
     def record_skipped(self, skipped: list[tuple[str, str]]) -> None:
-        """Count skipped ``(path, reason)`` pairs; warn about files not seen before."""
-        self.num_skipped += len(skipped)
-        new = {path: reason for path, reason in skipped if path not in self.skipped_clips}
-        if new:
-            self.skipped_clips.update(new)
-            listing = "; ".join(f"{path} ({reason})" for path, reason in new.items())
-            rank_zero_warn(
-                f"Skipped {len(new)} clip(s) that failed to decode (on_decode_error='skip'; "
-                f"{len(self.skipped_clips)} distinct so far): {listing}"
-            )
+        """Count skipped ``(path, reason)`` pairs; warn (rank zero) about files not seen before.
+
+        Under DDP they are reported when :meth:`sync_skipped` gathers the ranks' records (the CLI's
+        :class:`~avmoe.callbacks.metrics_json.MetricsJSON` does at epoch and evaluation ends, and every checkpoint).
+        """
+        self.skipped.record(skipped)
+
+    def sync_skipped(self) -> None:
+        """Gather every rank's skipped clips (a collective under DDP with ``on_decode_error="skip"``)."""
+        if self.on_decode_error == "skip":
+            self.skipped.sync()
+
+    @property
+    def skipped_clips(self) -> dict[str, str]:
+        """Clips dropped under ``on_decode_error="skip"``: path -> reason (all ranks, as of the last sync)."""
+        return self.skipped.clips
+
+    @property
+    def num_skipped(self) -> int:
+        """Skipped samples (a clip skipped every epoch counts every time; all ranks, as of the last sync)."""
+        return self.skipped.count
 
     # ------------------------------------------------------------------ modality re-sampling
 
@@ -376,9 +410,15 @@ class AVDataModule(LightningDataModule, ABC):
         plan = None
         if self._train_plan is not None:
             plan = {k: None if v is None else torch.from_numpy(v.copy()) for k, v in self._train_plan.items()}
-        return {"train_plan": plan}
+        # Lightning calls this on every rank in save_checkpoint, so the gather is safe here: a checkpoint holds the
+        # skips of every rank up to its step, and a resumed run goes on counting from there.
+        if self.on_decode_error != "skip":
+            return {"train_plan": plan}
+        self.sync_skipped()
+        return {"train_plan": plan, "skipped": self.skipped.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped.load_state_dict(state_dict.get("skipped") or {})
         plan = state_dict.get("train_plan")
         if plan is None:
             self.set_train_plan(None)

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 from .audio import LogMel, LogMelConfig
 from .base import AVDataModule, ClipDataset, DecodePolicy, resize_frames
 from .decoding import DecodeError, VideoBackend, read_audio, read_frames
+from .folder import folder_table, folder_videos, make_folder_dataset
 
 # Official index order (dataloader.py ids_to_multinomial; main_avvp.py eval).
 LLP_CATEGORIES: tuple[str, ...] = (
@@ -406,6 +407,15 @@ class LLPDataModule(AVDataModule):
             report.warn()
             self.quirks = dict(report.counts)
         return self._eval
+
+    def build_folder_dataset(self, folder: str) -> Dataset:
+        files = folder_videos(folder)
+        table = folder_table(files, label_mask=0)  # no labels
+        table["filename"] = table["video_id"]
+        return make_folder_dataset(LLPDataset, files, str(folder), table, None, None, image_size=self.image_size,
+                                   audio=self.audio, video_backend=self.video_backend,
+                                   audio_source=self.audio_source, st_feature_dir=None,
+                                   on_decode_error=self.on_decode_error)
 
     def build_dataset(self, split: str) -> Dataset:
         root = self._check_layout()

@@ -335,7 +335,13 @@ class MusicAVQADataModule(AVDataModule):
     # ------------------------------------------------------------------ files and vocabularies
 
     def split_path(self, split: str) -> Path:
+        self._check_root()
         return split_file(self.root, self.annotations, split)
+
+    def _check_root(self) -> None:
+        if not Path(self.root).is_dir():  # before any file under it is looked for (vocabulary, split files)
+            raise FileNotFoundError(f"MUSIC-AVQA root {self.root} does not exist (expected a folder with "
+                                    f"{self.annotations}/avqa-{{train,val,test}}.json and {VIDEO_DIR}/)")
 
     def read_split(self, split: str) -> pd.DataFrame:
         """The parsed split file after the duplicate policy (all rows; ``limit_samples`` applies later)."""
@@ -349,6 +355,7 @@ class MusicAVQADataModule(AVDataModule):
     def vocab(self) -> AVQAVocab:
         """Vocabularies from ``<vocab_dir>/avqa-train.json`` (read once per process)."""
         if self._vocab is None:
+            self._check_root()
             folder = self.vocab_dir if self.vocab_dir is not None else self.annotations
             path = split_file(self.root, folder, "train")
             if not path.is_file():

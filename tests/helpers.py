@@ -103,20 +103,58 @@ def task_config_problem(task: str) -> str | None:
 
 
 class SignalAtStep(Callback):
-    """Sends ``signal`` to this process after the training batch that completes global step ``step``.
+    """Sends ``signal`` at a reproducible point of training, as a scheduler or a user would from outside.
 
-    Lightning's handler only sets a flag that the loop checks at the end of the batch, as with a signal
-    from outside (scheduler preemption, ``kill``), but at a reproducible point.
+    The handlers only record the signal and act at the next step boundary, so the point where it arrives is
+    what a test chooses, not where the run stops.
 
     Args:
-        step: global step after which to signal.
-        signal: signal name (``SIGTERM``, ``SIGUSR1``).
+        step: global step at which to signal.
+        signal: signal name (``SIGTERM``, ``SIGINT``, ``SIGUSR1``).
+        when: ``batch_end``: after the training batch that completes global step ``step``; ``batch_start``: inside
+            the step that will complete global step ``step`` (before its forward); ``validation``: after the first
+            batch of the validation that runs at global step ``step``.
+        to: ``self`` (this process) or ``group`` (this process group: DataLoader workers and DDP ranks started by
+            Lightning too, as SLURM, torchrun and Ctrl-C signal).
+        rank: only this global rank sends; None: every rank sends (each to itself).
     """
 
-    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
-        self.step = step
-        self.signal = signal
+    def __init__(self, step: int, signal: str = "SIGTERM", when: str = "batch_end", to: str = "self",
+                 rank: int | None = None) -> None:
+        if when not in ("batch_end", "batch_start", "validation") or to not in ("self", "group"):
+            raise ValueError(f"unknown when={when!r} or to={to!r}")
+        self.step, self.signal, self.when, self.to, self.rank = step, signal, when, to, rank
+        self._sent = False
+
+    def _send(self, trainer: Any) -> None:
+        if self._sent or (self.rank is not None and trainer.global_rank != self.rank):
+            return
+        self._sent = True
+        signum = getattr(signal_module, self.signal)
+        if self.to == "group":
+            os.killpg(os.getpgid(0), signum)
+        else:
+            os.kill(os.getpid(), signum)
 
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), getattr(signal_module, self.signal))
+        if self.when == "batch_end" and trainer.global_step == self.step:
+            self._send(trainer)
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        if self.when == "batch_start" and trainer.global_step + 1 == self.step:
+            self._send(trainer)
+
+    def on_validation_batch_end(self, trainer: Any, *args: Any) -> None:
+        if self.when == "validation" and not trainer.sanity_checking and trainer.global_step == self.step:
+            self._send(trainer)
+
+
+class RaiseAtStep(Callback):
+    """Raises ``RuntimeError("injected ...")`` at the start of the training batch that would complete ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step + 1 == self.step:
+            raise RuntimeError(f"injected failure before step {self.step}")

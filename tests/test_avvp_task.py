@@ -60,8 +60,8 @@ def test_head_outputs_and_segment_probabilities(task):
     for side in ("audio", "visual"):
         prob, seg = out[f"{side}_prob"], out[f"{side}_seg_prob"]
         assert ((prob > 0) & (prob < 1)).all()
-        # Segment probability = class probability x the segment's assignment to the class group (sums to 1).
-        torch.testing.assert_close((seg / prob.unsqueeze(-1)).sum(1), torch.ones(2, 10))
+        # Official segment weights (segment_weights="official", soft assignment): 1 + softmax over the segments.
+        torch.testing.assert_close((seg / prob.unsqueeze(-1) - 1).sum(-1), torch.ones(2, 25))
 
 
 def test_official_losses_with_visual_label_smoothing(task):

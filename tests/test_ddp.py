@@ -181,9 +181,10 @@ def test_ddp_fit_keeps_replicas_identical_and_metrics_equal_one_process(task, re
         run_cli(["test", *single, f"--ckpt_path={folder / 'checkpoints' / 'best.ckpt'}"])
         if task == "ave":  # the validation loader shards the same way (one task is enough)
             run_cli(["validate", *single, f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"])
-    assert_same_metrics(metrics(folder, "test"), metrics(runs / "single", "test"))
+    # fit writes metrics/{val,test}.json; a standalone test / validate metrics/<subcommand>_<split>.json
+    assert_same_metrics(metrics(folder, "test"), metrics(runs / "single", "test_test"))
     if task == "ave":
-        assert_same_metrics(metrics(folder, "val"), metrics(runs / "single", "val"))
+        assert_same_metrics(metrics(folder, "val"), metrics(runs / "single", "validate_val"))
 
 
 # ------------------------------------------------------------------------------------------------ data at scale

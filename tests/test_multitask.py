@@ -373,3 +373,24 @@ def test_mid_epoch_sigterm_resumes_the_task_sampler_bit_for_bit(ave_release, llp
     assert (state["global_step"], sampler["epoch"], sampler["step"]) == (3, 1, 1), "mid-epoch 1, after 1 step"
     assert run_cli([*cut, "--ckpt_path=last"]) == 0
     assert_identical(runs / "cut" / "checkpoints" / "last.ckpt", want)
+
+
+def test_router_usage_is_split_by_task(ave_release, llp_release, tmp_path):
+    from avmoe.callbacks import RouterUsage
+
+    torch.manual_seed(0)
+    model = _module(task_routers=True)
+    dm = _datamodule(ave_release, llp_release, sampling="round_robin", steps_per_epoch=2)
+    usage = RouterUsage(str(tmp_path / "router_usage"))
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[usage], limit_val_batches=1)
+    trainer.fit(model, datamodule=dm)
+    files = sorted(p.name for p in (tmp_path / "router_usage").glob("*.json"))
+    assert files == ["train_ave.json", "train_avvp.json", "val_ave.json", "val_avvp.json"]
+    per_task = {t: json.loads((tmp_path / "router_usage" / f"val_{t}.json").read_text())["epochs"][-1]["weight"]
+                for t in ("ave", "avvp")}
+    for weights in per_task.values():
+        assert all(sum(row) == pytest.approx(1.0, abs=1e-3) for row in weights)  # router distributions
+    assert per_task["ave"] != per_task["avvp"], "different inputs (and routers) route differently"
+    assert "router/ave/" in " ".join(trainer.callback_metrics) or any(
+        k.startswith("val_router/ave/") for k in trainer.callback_metrics)

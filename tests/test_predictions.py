@@ -63,13 +63,16 @@ def test_cli_predict_writes_the_task_file_in_the_run_folder(task, release_fixtur
     if task == "ave":
         assert all(len(r["segments"]) == 10 and set(r["segments"]) <= {*AVE_CATEGORIES, "background"}
                    for r in records)
+        assert all(r["event"] in AVE_CATEGORIES and 0.0 <= r["event_score"] <= 1.0 for r in records)
     elif task == "avvp":
         assert any(r["events"] for r in records), "the check below must see events"
         for r in records:
             assert set(r["labels"]) <= set(LLP_CATEGORIES)
+            assert set(r["label_scores"]) == set(r["labels"]) and all(p >= 0.5 for p in r["label_scores"].values())
             for e in r["events"]:
                 assert e["modality"] in ("audio", "visual") and 0 <= e["onset"] < e["offset"] <= 10
                 assert e["event"] in r["labels"], "segment predictions are masked by the video-level labels"
+                assert 0.5 <= e["score"] <= 1.0, "an event's segments all passed the 0.5 threshold"
     else:
         assert any(f > 0 for r in records for f in r["foreground"]), "the check below must see foreground"
         for r in records:

@@ -126,13 +126,17 @@ def test_latest_checkpoint_is_the_newest_of_last_exception_and_requeue(tmp_path)
     ckpts = folder / "checkpoints"
     files = [ckpts / "last.ckpt", folder / "hpc_ckpt_2.ckpt", ckpts / "on_exception.ckpt"]
     for i, path in enumerate(files):
-        path.write_bytes(b"")
+        torch.save({"global_step": i}, path)
         os.utime(path, ns=(10**18 + i, 10**18 + i))
         assert latest_checkpoint(folder) == path
     os.utime(files[0], ns=(10**18 + 9, 10**18 + 9))
     assert latest_checkpoint(folder) == files[0]
-    (folder / "checkpoints" / "best.ckpt").write_bytes(b"")  # never a resume candidate
+    torch.save({}, folder / "checkpoints" / "best.ckpt")  # never a resume candidate
     assert latest_checkpoint(folder) == files[0]
+    # The newest cut short (killed while writing, disk full): passed over, naming it and the one used instead.
+    files[0].write_bytes(files[0].read_bytes()[:-30])
+    with pytest.warns(UserWarning, match=r"last\.ckpt \(BadZipFile.*not loadable, passed over; using .*on_exception"):
+        assert latest_checkpoint(folder) == files[2]
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -316,7 +320,8 @@ def test_slurm_requeue_and_epoch_boundary_resume_bit_for_bit(releases, in_tmp, m
 @pytest.mark.slow
 def test_no_silent_restart_and_no_silent_resume(ave_release, in_tmp):
     """``--ckpt_path last`` without a checkpoint fails (stock Lightning trains from scratch); ``run.resume=never``
-    over existing checkpoints warns and starts fresh (stock OnExceptionCheckpoint would silently load them)."""
+    over existing checkpoints refuses (``run.overwrite`` deletes them and starts fresh; stock OnExceptionCheckpoint
+    would silently load them)."""
     runs = in_tmp / "runs"
     args = _task_args("ave", {"ave": ave_release}, runs, "x", epochs=1)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -324,6 +329,8 @@ def test_no_silent_restart_and_no_silent_resume(ave_release, in_tmp):
     ckpts = runs / "x" / "checkpoints"
     ckpts.mkdir(parents=True)
     (ckpts / "last.ckpt").write_bytes(b"not a checkpoint: never read")
-    with pytest.warns(UserWarning, match="starting from scratch"):
-        assert run_cli(["fit", *args, "--trainer.max_steps=1"]) == 0
+    with pytest.raises(FileExistsError, match="--run.resume auto.*--run.name.*--run.overwrite true"):
+        run_cli(["fit", *args, "--trainer.max_steps=1"])
+    with pytest.warns(UserWarning, match="run.overwrite: deleting"):
+        assert run_cli(["fit", *args, "--trainer.max_steps=1", "--run.overwrite=true"]) == 0
     assert load(ckpts / "last.ckpt")["global_step"] == 1

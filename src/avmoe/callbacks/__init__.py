@@ -3,11 +3,14 @@
 from avmoe.callbacks._distributed import ParameterChecksum
 from avmoe.callbacks.avs_visual import AVSMaskImages
 from avmoe.callbacks.figures import AVESegments, AVVPTimelines, FeatureEmbeddings
-from avmoe.callbacks.checkpointing import ExceptionCheckpoint, LatestCheckpoint, latest_checkpoint
+from avmoe.callbacks.checkpointing import LatestCheckpoint, latest_checkpoint
 from avmoe.callbacks.metrics_json import MetricsJSON
 from avmoe.callbacks.ogm import OGM, OGMGE, ogm_coefficients
 from avmoe.callbacks.opm import OPM, opm_drop_probabilities
+from avmoe.callbacks.parameters import ParameterSummary, parameter_breakdown
+from avmoe.callbacks.preemption import Preemption
 from avmoe.callbacks.progress import LineProgressBar, default_progress_bar
+from avmoe.callbacks.router_usage import RouterUsage, router_statistics
 from avmoe.callbacks.seeding import StepSeeding
 from avmoe.callbacks.valuation import ModalityValuation, shapley_contributions
 
@@ -15,7 +18,6 @@ __all__ = [
     "AVESegments",
     "AVSMaskImages",
     "AVVPTimelines",
-    "ExceptionCheckpoint",
     "FeatureEmbeddings",
     "LatestCheckpoint",
     "LineProgressBar",
@@ -25,10 +27,15 @@ __all__ = [
     "OGMGE",
     "OPM",
     "ParameterChecksum",
+    "ParameterSummary",
+    "RouterUsage",
+    "Preemption",
     "StepSeeding",
     "default_progress_bar",
     "latest_checkpoint",
     "ogm_coefficients",
     "opm_drop_probabilities",
+    "parameter_breakdown",
+    "router_statistics",
     "shapley_contributions",
 ]

@@ -1,12 +1,17 @@
-"""Run-folder checkpoints: the latest state (epoch ends, inside epochs), on exceptions, and finding the newest."""
+"""Run-folder checkpoints: the latest state (epoch ends, inside epochs) and finding the newest loadable one.
+
+The stop checkpoint (``on_exception.ckpt``) is written by :class:`avmoe.callbacks.preemption.Preemption`.
+"""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 # Tie-break for equal modification times: the later writer wins (exception > requeue > periodic).
 _PRIORITY = {"last": 0, "hpc": 1, "on_exception": 2}
@@ -44,30 +49,6 @@ class LatestCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
 
-class ExceptionCheckpoint(Callback):
-    """Write ``<dirpath>/on_exception.ckpt`` when fit stops on an exception (SIGTERM, Ctrl-C, a crash).
-
-    Lightning's ``OnExceptionCheckpoint`` does the same, with a side effect: while one is attached,
-    ``fit(ckpt_path=None)`` silently resumes from the run's newest checkpoint (``_parse_ckpt_path`` turns None
-    into "last" and warns about "the last model of the previous fit call"). Here ``run.resume`` decides. The
-    file is removed when a later fit completes, as there (it is stale then).
-
-    Args:
-        dirpath: checkpoint folder (``<run folder>/checkpoints``).
-        filename: file name without ``.ckpt``.
-    """
-
-    def __init__(self, dirpath: str, filename: str = "on_exception") -> None:
-        self.ckpt_path = str(Path(dirpath) / f"{filename}.ckpt")
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        trainer.save_checkpoint(self.ckpt_path)  # every rank calls it (a collective under DDP); rank 0 writes
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":  # not called when fit ended on an exception
-            trainer.strategy.remove_checkpoint(self.ckpt_path)
-
-
 def run_checkpoints(folder: Path) -> dict[Path, str]:
     """Resumable checkpoints of a run folder and their kind (``last``, ``on_exception``, ``hpc``)."""
     ckpt_dir = folder / "checkpoints"
@@ -77,14 +58,38 @@ def run_checkpoints(folder: Path) -> dict[Path, str]:
     return {p: kind for p, kind in found.items() if p.is_file()}
 
 
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be loaded as a checkpoint (truncated, not a zip archive, a CRC error), or None.
+
+    ``torch.save`` writes a zip archive: a file cut short (a kill while writing, a full disk) has no central
+    directory, and a damaged one fails the CRC check of :meth:`zipfile.ZipFile.testzip`, which reads the file once.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        return f"{type(err).__name__}: {err}"
+    return f"CRC error in {bad}" if bad is not None else None
+
+
 def latest_checkpoint(folder: Path) -> Optional[Path]:
-    """The newest resumable checkpoint of a run folder, or None.
+    """The newest loadable resumable checkpoint of a run folder, or None.
 
     Candidates: ``checkpoints/last*.ckpt`` (epoch end, every n steps), ``checkpoints/on_exception.ckpt``
-    (SIGTERM, crash) and ``hpc_ckpt_*.ckpt`` (written by Lightning's ``SLURMEnvironment(auto_requeue=True)``
-    on the requeue signal). Newest by modification time, as Lightning's ``ckpt_path="last"`` does.
+    (SIGTERM, Ctrl-C) and ``hpc_ckpt_*.ckpt`` (SLURM requeue). Newest by modification time, as Lightning's
+    ``ckpt_path="last"`` does. A newer one that cannot be loaded (:func:`checkpoint_problem`) is passed over with
+    a warning naming it and the one used instead.
     """
     found = run_checkpoints(folder)
-    if not found:
-        return None
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, _PRIORITY[found[p]]))
+    ordered = sorted(found, key=lambda p: (p.stat().st_mtime_ns, _PRIORITY[found[p]]), reverse=True)
+    unusable = []
+    for path in ordered:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if unusable:
+                rank_zero_warn(f"{'; '.join(unusable)}: not loadable, passed over; using {path}")
+            return path
+        unusable.append(f"{path} ({problem})")
+    if unusable:
+        rank_zero_warn(f"{'; '.join(unusable)}: not loadable; no usable checkpoint in {folder}")
+    return None

@@ -38,6 +38,10 @@ class LineProgressBar(ProgressBar):
         items.pop("v_num", None)
         return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items.items())
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # A run resumed inside an epoch does not call on_train_epoch_start for it: time from the start of fit.
+        self._t0 = time.monotonic()
+
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._t0 = time.monotonic()
 
@@ -48,7 +52,9 @@ class LineProgressBar(ProgressBar):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         took = time.monotonic() - self._t0
-        self._print(f"epoch {trainer.current_epoch} done in {took:.1f}s {self._metrics(pl_module)}")
+        skipped = getattr(trainer.datamodule, "num_skipped", 0) if trainer.datamodule is not None else 0
+        note = f" skipped={skipped}" if skipped else ""  # undecodable clips so far (on_decode_error: skip)
+        self._print(f"epoch {trainer.current_epoch} done in {took:.1f}s {self._metrics(pl_module)}{note}")
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking and trainer.state.fn != "fit":

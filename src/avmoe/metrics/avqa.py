@@ -89,7 +89,15 @@ class AVQAAccuracy(PerSampleMetric):
 
     def update(self, index: Tensor, pred: Tensor, target: Tensor, qtype: Tensor) -> None:  # each (B,)
         correct = (pred.view(-1) == target.view(-1)).float()
-        super().update(index, torch.stack([correct, qtype.view(-1).float()], dim=-1))
+        super().update(index, torch.stack([correct, qtype.view(-1).float(), target.view(-1).float()], dim=-1))
+
+    def details(self) -> dict[str, dict[int, float]]:
+        """``per_answer_acc`` {answer class: accuracy over the questions whose answer it is}."""
+        _, values = self.rows()
+        if values.numel() == 0:
+            return {}
+        answers = values[:, 2].long()
+        return {"per_answer_acc": {int(a): float(values[answers == a, 0].mean()) for a in answers.unique()}}
 
     def compute(self) -> dict[str, Tensor]:
         _, values = self.rows()

@@ -156,14 +156,36 @@ class AVSMetric(PerSampleMetric):
             raise ValueError(f"clips_per_batch must be >= 1, got {clips_per_batch}")
         self.clips_per_batch = clips_per_batch
         self.num_thresholds = num_thresholds
+        self.add_state("clip_category", default=[], dist_reduce_fx="cat")  # (clip index, category id) rows
 
-    def update(self, index: Tensor, logits: Tensor, target: Tensor, valid: Tensor) -> None:  # type: ignore[override]
+    def update(self, index: Tensor, logits: Tensor, target: Tensor, valid: Tensor,  # type: ignore[override]
+               category: Tensor | None = None) -> None:
+        """``category`` (B,) int (optional): the clips' categories, for the per-category :meth:`details`."""
+        if category is not None:
+            self.clip_category.append(torch.stack([index.long().view(-1), category.long().view(-1)], dim=-1))
         b, t = logits.shape[:2]
         flat_logits, flat_target = logits.reshape(b * t, *logits.shape[2:]), target.reshape(b * t, *target.shape[2:])
         iou = frame_iou(flat_logits, flat_target).view(b, t, 1)
         curves = frame_f_curves(flat_logits, flat_target, self.num_thresholds).view(b, t, -1)
         flags = torch.stack([valid.reshape(b, t).float(), nonempty_frames(flat_target).view(b, t).float()], -1)
         super().update(index, torch.cat([flags, iou, curves], dim=-1))  # (B, T, 3 + num)
+
+    def details(self) -> dict[str, dict[int, float]]:
+        """``per_category_mj`` / ``per_category_mf`` {category id: value} over the annotated frames of each
+        category's clips (per-frame aggregation: the official batch-of-4 grouping mixes categories)."""
+        pairs = self.clip_category if isinstance(self.clip_category, Tensor) else (
+            torch.cat(self.clip_category) if self.clip_category else None)
+        clip, nonempty, iou, curves = self._frames()
+        if pairs is None or clip.numel() == 0:
+            return {}
+        lookup = dict(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()))  # duplicates (DDP padding) agree
+        frame_category = torch.tensor([lookup.get(c, -1) for c in clip.tolist()], device=clip.device)
+        mj, mf = {}, {}
+        for c in sorted(set(frame_category.tolist()) - {-1}):
+            sel = frame_category == c
+            mj[c] = float(iou[sel].mean())
+            mf[c] = _global_f_max(curves[sel], nonempty[sel])
+        return {"per_category_mj": mj, "per_category_mf": mf}
 
     def _frames(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per annotated frame, in (clip index, time) order: clip index, non-empty flag, IoU, F curve."""

@@ -214,10 +214,30 @@ class AVVPMetric(PerSampleMetric):
     ) -> None:
         """index (B,), global_prob (B, C), audio/visual_prob (B, C, T), gt_audio/gt_visual (B, C, T) binary."""
         pa, pv = avvp_predictions(global_prob.float(), audio_prob.float(), visual_prob.float(), self.threshold)
-        super().update(index, avvp_video_scores(pa, pv, gt_audio, gt_visual))
+        scores = avvp_video_scores(pa, pv, gt_audio, gt_visual)  # (B, 8)
+        args = [t.to(torch.float64) for t in (pa, pv, gt_audio, gt_visual)]
+        # Per-class TP / FP / FN of audio and visual events together (the "event" F), segment then event level.
+        per_class = [torch.stack(c(args[0], args[2])) + torch.stack(c(args[1], args[3]))
+                     for c in (segment_counts, event_counts)]  # each (3, B, C)
+        extra = torch.cat([p.permute(1, 0, 2).flatten(1) for p in per_class], dim=1)  # (B, 6 C)
+        super().update(index, torch.cat([scores, extra.to(scores.dtype)], dim=1))
 
     def compute(self) -> dict[str, Tensor]:
         _, values = self.rows()
         if values.numel() == 0:
             return {name: torch.tensor(0.0) for name in METRIC_NAMES}
-        return avvp_summary(values)
+        return avvp_summary(values[:, :8])
+
+    def details(self) -> dict[str, dict[int, float]]:
+        """``per_class_f1_segment`` / ``per_class_f1_event``: F1 of each class over all videos (audio and visual
+        events pooled, TP/FP/FN summed over videos), for the classes predicted or present at least once."""
+        _, values = self.rows()
+        if values.numel() == 0:
+            return {}
+        counts = values[:, 8:].double().sum(0).view(2, 3, -1)  # (level, tp/fp/fn, C)
+        out = {}
+        for level, (tp, fp, fn) in zip(LEVELS, counts):
+            seen = (tp + fp + fn) > 0
+            f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1e-12)
+            out[f"per_class_f1_{level}"] = {c: float(f1[c]) for c in range(f1.numel()) if seen[c]}
+        return out

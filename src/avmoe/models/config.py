@@ -21,10 +21,15 @@ class VisualEncoderConfig:
     image_size: int = 192
     """Input resolution the encoder was built for; frames of another size are resized (bicubic) on the device."""
     patch_size: int = 4
+    """Side of the square patches the Swin-V2 patch embedding cuts (4 for every released Swin-V2)."""
     embed_dim: int = 192
+    """Stage-0 channel width C; stage widths double per stage (Swin-V2-L: 192)."""
     depths: list[int] = field(default_factory=lambda: [2, 2, 18, 2])
+    """Transformer blocks per stage (Swin-V2-L: 2, 2, 18, 2)."""
     num_heads: list[int] = field(default_factory=lambda: [6, 12, 24, 48])
+    """Attention heads per stage."""
     window_size: int = 12
+    """Side of the local attention windows, in tokens."""
     drop_path_rate: float = 0.1
     """Only active when ``train_mode`` is true (the official code leaves the encoder in train mode)."""
     train_mode: bool = False
@@ -32,7 +37,9 @@ class VisualEncoderConfig:
     trainable: bool = False
     """Unfreeze the encoder weights (the released AVS-S4 script leaves HTS-AT trainable; see avs_s4.yaml)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel mean used to normalise frames in [0, 1] (ImageNet)."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel standard deviation used to normalise frames (ImageNet)."""
 
 
 @dataclass
@@ -44,16 +51,27 @@ class AudioEncoderConfig:
     htsat_checkpoint: Optional[str] = None
     """Original HTS-AT AudioSet checkpoint (``HTSAT_AudioSet_Saved_1.ckpt``, ``sed_model.*`` keys): converted on load."""
     num_mel_bins: int = 64
+    """Mel bins of the input log-mel spectrogram (must equal the data's ``audio.n_mels``)."""
     spec_size: int = 256
+    """Side of the square spectrogram image HTS-AT folds each segment's log-mel into."""
     patch_size: int = 4
+    """Side of the square patches of the HTS-AT patch embedding."""
     hidden_size: int = 96
     """Stage-0 width (``patch_embeds_hidden_size``); stage widths double per stage."""
     depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    """Transformer blocks per HTS-AT stage."""
     num_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    """Attention heads per HTS-AT stage."""
     window_size: int = 8
-    drop_path_rate: float = 0.0
+    """Side of the local attention windows, in tokens."""
+    drop_path_rate: float = 0.1
+    """Stochastic-depth rate of the last block (linear from 0), on both residual branches as the official HTS-AT;
+    only active in train mode."""
+    spec_augment: bool = True
+    """Official HTS-AT SpecAugment (2 time stripes < 64 frames, 2 mel stripes < 8 bins); only active in train mode."""
     train_mode: bool = False
-    """Reproduce the official quirk: encoder in train mode (dropout, BatchNorm statistics updates)."""
+    """Reproduce the official quirk: encoder in train mode, i.e. SpecAugment, drop-path on both residual branches
+    (``drop_path_rate``) and BatchNorm statistics updates, as ``AVMOE/AVE/nets/net_trans_v3.py``."""
     trainable: bool = False
     """Unfreeze the encoder weights (official AVS-S4 behaviour)."""
     mixup_alpha: float = 0.0
@@ -91,12 +109,15 @@ class AdapterConfig:
     num_skip: int = 2
     """Stage s has no adapters when ``num_skip > 1 and (s + 1) % num_skip == 0`` (2: skip stages 1 and 3)."""
     router_hidden: list[int] = field(default_factory=lambda: [128, 32])
+    """Hidden widths of the router MLP (input: both modalities' pooled tokens, output: one logit per expert)."""
     router_noise_std: float = 0.0
     """Gaussian noise on router logits in training (0.01 in the official AVS scripts)."""
     load_balance_weight: float = 0.0
     """Weight of KL(uniform || mean routing) summed over MoE modules (1.0 AVVP, 0.01 MS3)."""
     mha_heads: int = 4
+    """Heads of the ``mha_frames`` unimodal expert's attention across frames."""
     mha_dropout: float = 0.2
+    """Attention dropout of the ``mha_frames`` unimodal expert."""
 
 
 @dataclass
@@ -104,7 +125,10 @@ class AVMoEConfig:
     """The whole backbone: two frozen encoders stepped in lockstep with trainable MoE adapters."""
 
     visual: VisualEncoderConfig = field(default_factory=VisualEncoderConfig)
+    """The Swin-V2 visual encoder."""
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    """The HTS-AT audio encoder."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The MoE adapters between the two encoders."""
     gradient_checkpointing: bool = False
     """Recompute each paired block in backward (saves activation memory at ~30% more compute)."""

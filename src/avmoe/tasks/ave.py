@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,9 @@ from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig
 def video_class(label: Tensor, background: int = BACKGROUND) -> tuple[Tensor, Tensor]:
     """Video-level event class and whether the clip has any event. label (B, T) -> (B,), (B,) bool.
 
-    The official code takes the argmax of the max-over-time one-hot, which gives class 0 to clips without any
-    event (one AVE row is all background); those clips are excluded from the class losses here instead.
+    The official code (``AVMOE/AVE/main_trans_v3.py``, ``train``) takes the max over time of the per-segment
+    argmax of the 28 foreground columns, which gives class 0 to clips without any event (one AVE row is all
+    background); ``cls`` is that same class (0 for those clips), ``has_event`` says which clips have one.
     """
     foreground = label != background  # (B, T)
     cls = torch.where(foreground, label, torch.full_like(label, -1)).max(dim=1).values
@@ -38,6 +39,10 @@ class AVETask(AVTask):
         head: temporal-attention head sizes.
         optim: optimizer and schedule.
         unimodal: uni-modal predictions for the balancing callbacks (zeroed features or auxiliary heads).
+        background_clips: how clips without any event enter ``loss_class`` / ``loss_av``. ``exclude`` (default):
+            their terms are masked out (mean over the clips with an event; 0, still attached to the graph, when a
+            batch has none, so every batch logs the same three terms and every head parameter gets a gradient).
+            ``official``: they count with video class 0, as ``AVMOE/AVE/main_trans_v3.py`` does.
     """
 
     monitor = "val/acc"
@@ -49,14 +54,19 @@ class AVETask(AVTask):
         head: AVEHeadConfig = AVEHeadConfig(),
         optim: OptimConfig = OptimConfig(),
         unimodal: UnimodalConfig = UnimodalConfig(),
+        background_clips: Literal["exclude", "official"] = "exclude",
     ) -> None:
         super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
+        if background_clips not in ("exclude", "official"):
+            raise ValueError(f"background_clips must be 'exclude' or 'official', got {background_clips!r}")
+        self.background_clips = background_clips
         self.head_config = as_config(AVEHeadConfig, head)
         dims = self.backbone.feature_dims
         self.head = AVEHead(dims["visual"], dims["audio"], self.head_config)
         self.build_unimodal_heads()
         self.save_hyperparameters(plain({"backbone": self.backbone_config, "head": self.head_config,
-                                         "optim": self.optim, "unimodal": self.unimodal}))
+                                         "optim": self.optim, "unimodal": self.unimodal,
+                                         "background_clips": background_clips}))
 
     def head_forward(self, feats: BackboneOutput, batch: Batch) -> Outputs:
         return self.head(feats.visual, feats.audio)
@@ -83,16 +93,26 @@ class AVETask(AVTask):
         return bce + ce * has_event
 
     def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
+        """The official three terms (``AVMOE/AVE/main_trans_v3.py``, ``train``), present in every batch."""
         label = batch["label"]  # (B, T)
         cls, has_event = video_class(label)
-        losses = {"loss_event": F.binary_cross_entropy_with_logits(outputs["is_event"], (label != BACKGROUND).float())}
-        if has_event.any():
-            losses["loss_class"] = F.cross_entropy(outputs["event_scores"][has_event], cls[has_event])
-            losses["loss_av"] = F.cross_entropy(outputs["av_score"][has_event], cls[has_event])
+        is_event = outputs["is_event"]  # (B, T)
+        losses = {"loss_event": F.binary_cross_entropy_with_logits(is_event, (label != BACKGROUND).to(is_event.dtype))}
+        for name, key in (("loss_class", "event_scores"), ("loss_av", "av_score")):
+            ce = F.cross_entropy(outputs[key], cls, reduction="none")  # (B,)
+            if self.background_clips == "official":
+                losses[name] = ce.mean()
+            else:  # masked mean: a batch without events gives 0 with (zero) gradients, never a missing term
+                weight = has_event.to(ce.dtype)
+                losses[name] = (ce * weight).sum() / weight.sum().clamp(min=1)
         return losses
 
     def make_metric(self) -> Metric:
-        return AVESegmentAccuracy()
+        return AVESegmentAccuracy(num_classes=BACKGROUND + 1)
+
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        names = (*AVE_CATEGORIES, "background")
+        return {k: {names[c]: v for c, v in d.items()} for k, d in details.items()}
 
     def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
         metric.update(batch[INDEX], self.predict_segments(outputs), batch["label"])
@@ -115,12 +135,20 @@ class AVETask(AVTask):
     prediction_name = "ave"
 
     def predictions(self, batch: Batch, outputs: Outputs) -> dict[str, Any]:
-        return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "segments": self.predict_segments(outputs)}
+        probs = outputs["event_scores"].float().softmax(-1)  # (B, C)
+        return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "segments": self.predict_segments(outputs),
+                "event_prob": torch.sigmoid(outputs["is_event"].float()),  # (B, T) P(segment holds the event)
+                "class_prob": probs.max(-1).values, "class_id": probs.argmax(-1)}  # (B,) the clip's event class
 
     def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
-        """Per clip: the event name of every 1-s segment (``background`` for class 28) and the class ids."""
+        """Per clip: the event name of every 1-s segment (``background`` for class 28) and the class ids, with
+        scores: the clip's event class and its probability, and per segment P(event) (> 0.5: not background)."""
         names = (*AVE_CATEGORIES, "background")
         vids = predictions["video_id"] or [None] * len(predictions[INDEX])
+        rows = zip(predictions[INDEX].tolist(), vids, predictions["segments"].tolist(),
+                   predictions["event_prob"].tolist(), predictions["class_prob"].tolist(),
+                   predictions["class_id"].tolist())
         return [{"index": int(index), "video_id": vid, "segments": [names[c] for c in seg],
-                 "segment_ids": [int(c) for c in seg]}
-                for index, vid, seg in zip(predictions[INDEX].tolist(), vids, predictions["segments"].tolist())]
+                 "segment_ids": [int(c) for c in seg], "event": names[cls], "event_score": round(p_cls, 4),
+                 "segment_event_prob": [round(p, 4) for p in p_seg]}
+                for index, vid, seg, p_seg, p_cls, cls in rows]

@@ -227,7 +227,9 @@ class AVQATask(AVTask):
         b, t = pos.shape[:2]
         logits = torch.cat([pos, neg]).reshape(2 * b * t, 2)
         labels = torch.cat([torch.ones(b * t), torch.zeros(b * t)]).long().to(pos.device)
-        ce = F.cross_entropy(logits.float(), labels, reduction="none").view(2, b, t)
+        # at least fp32 (bf16 logits are upcast), float64 stays float64
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
+                             reduction="none").view(2, b, t)
         weight = torch.ones(b, device=pos.device)
         for key in (AUDIO_MASK, VISUAL_MASK):
             if key in batch:
@@ -239,6 +241,11 @@ class AVQATask(AVTask):
     # ---- metric and per-sample scores -------------------------------------------------------------------------
     def make_metric(self) -> Metric:
         return AVQAAccuracy()
+
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        vocab = self.answer_vocab
+        return {k: {(vocab[c] if vocab and c < len(vocab) else str(c)): v for c, v in d.items()}
+                for k, d in details.items()}
 
     def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
         metric.update(batch[INDEX], outputs["answer_logits"].argmax(-1), batch["answer"], batch["qtype"])

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from avmoe.datamodules.avsbench import S4_CATEGORIES
 from avmoe.datamodules.batch import INDEX
 from avmoe.metrics.avs import OFFICIAL_CLIPS_PER_BATCH, AVSMetric, frame_iou
 from avmoe.models.config import AVMoEConfig
@@ -99,9 +100,15 @@ def masked_av_loss(
 UNUSED_DECODER_PREFIX = "head.paths.3.rcu1."  # the official path4.resConfUnit1, never called
 
 
+def _loss_dtype(x: Tensor) -> Tensor:
+    """At least float32 (half / bfloat16 logits are upcast), float64 kept: a float64 run has no float32 rounding."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def clip_bce(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """Pixel BCE averaged over each clip's annotated frames. logits/target (B, T, S, S), valid (B, T) -> (B,)."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").mean((-2, -1))
+    logits = _loss_dtype(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean((-2, -1))
     return (bce * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
@@ -197,13 +204,14 @@ class AVSTask(AVTask):
 
     def compute_losses(self, outputs: Outputs, batch: Batch) -> dict[str, Tensor]:
         logits, target, valid = self._targets(outputs, batch)
-        losses = {"loss_bce": F.binary_cross_entropy_with_logits(logits[valid].float(), target[valid].float())}
+        logits = _loss_dtype(logits)
+        losses = {"loss_bce": F.binary_cross_entropy_with_logits(logits[valid], target[valid].to(logits.dtype))}
         cfg = self.loss_config
         if cfg.masked_av_weight > 0:
             stages = sorted(set(cfg.masked_av_stages))
             maps = [outputs[f"stage_map_{s}"] for s in stages]
             audio = [outputs[f"stage_audio_{s}"] for s in stages]
-            kl = masked_av_loss(logits.float(), maps, audio, cfg.mask_pooling, cfg.normalize_features)
+            kl = masked_av_loss(logits, maps, audio, cfg.mask_pooling, cfg.normalize_features)
             losses["loss_masked_av"] = cfg.masked_av_weight * kl
         return losses
 
@@ -213,7 +221,16 @@ class AVSTask(AVTask):
 
     def update_metric(self, metric: Metric, outputs: Outputs, batch: Batch) -> None:
         logits, target, valid = self._targets(outputs, batch)
-        metric.update(batch[INDEX], logits.detach(), target, valid)
+        names = batch.get("category")
+        category = None
+        if names is not None and any(names):  # S4 names a category per clip (MS3 has none)
+            ids = [S4_CATEGORIES.index(n) if n in S4_CATEGORIES else -1 for n in names]
+            category = torch.tensor(ids, device=logits.device)
+        metric.update(batch[INDEX], logits.detach(), target, valid, category)
+
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        return {k: {(S4_CATEGORIES[c] if 0 <= c < len(S4_CATEGORIES) else "unknown"): v for c, v in d.items()}
+                for k, d in details.items()}
 
     def sample_scores(self, outputs: Outputs, batch: Batch) -> Tensor:
         """``exp(-BCE)`` per clip over its annotated pixels, in (0, 1]."""

@@ -155,7 +155,8 @@ class AVVPTask(AVTask):
         """Official binary parsing: audio/visual (B, C, T) predictions masked by the video-level ones."""
         audio, visual = avvp_predictions(outputs["global_prob"], outputs["audio_seg_prob"], outputs["visual_seg_prob"])
         return {INDEX: batch[INDEX], "filename": batch.get("filename"), "global_prob": outputs["global_prob"],
-                "audio": audio, "visual": visual}
+                "audio": audio, "visual": visual, "audio_prob": outputs["audio_seg_prob"],
+                "visual_prob": outputs["visual_seg_prob"]}
 
     def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
         """Per video: the predicted labels and the parsed events, ``{modality, event, onset, offset}`` in seconds
@@ -164,16 +165,26 @@ class AVVPTask(AVTask):
         files = predictions["filename"] or [None] * len(predictions[INDEX])
         records = []
         for i, index in enumerate(predictions[INDEX].tolist()):
-            events = [{"modality": modality, "event": names[c], "onset": onset, "offset": offset}
-                      for modality in ("audio", "visual")
-                      for c, active in enumerate(np.asarray(predictions[modality][i].cpu(), dtype=bool))
-                      for onset, offset in event_runs(active)]
-            labels = (predictions["global_prob"][i] >= 0.5).nonzero().flatten().tolist()
+            events = []
+            for modality in ("audio", "visual"):
+                seg_prob = predictions[f"{modality}_prob"][i].detach().float().cpu().numpy()  # (C, T)
+                for c, active in enumerate(np.asarray(predictions[modality][i].cpu(), dtype=bool)):
+                    events += [{"modality": modality, "event": names[c], "onset": onset, "offset": offset,
+                                "score": round(float(seg_prob[c, onset:offset].mean()), 4)}
+                               for onset, offset in event_runs(active)]
+            global_prob = predictions["global_prob"][i].float().cpu()
+            labels = (global_prob >= 0.5).nonzero().flatten().tolist()
             records.append({"index": int(index), "filename": files[i], "labels": [names[c] for c in labels],
+                            "label_scores": {names[c]: round(float(global_prob[c]), 4) for c in labels},
                             "events": events})
         return records
+
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        names = self.class_names()
+        return {k: {names[c]: v for c, v in d.items()} for k, d in details.items()}
 
     def class_names(self) -> list[str]:
         """LLP's 25 event names when the head has 25 classes, else ``class_<i>``."""
         n = self.head_config.num_classes
         return list(LLP_CATEGORIES) if n == len(LLP_CATEGORIES) else [f"class_{i}" for i in range(n)]
+

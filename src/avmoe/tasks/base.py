@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Literal, Optional, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -63,14 +64,20 @@ def shared_backbone(backbone: AVMoEBackbone) -> Iterator[None]:
 
 @dataclass
 class OptimConfig:
-    """Adam on the trainable parameters with an optional per-epoch StepLR (the official recipe)."""
+    """Adam on the trainable parameters with an optional per-epoch StepLR (the official recipe).
+
+    The command line's ``--optimizer`` / ``--lr_scheduler`` (LightningCLI) replace it entirely when given."""
 
     lr: float = 5e-4
+    """Adam learning rate."""
     weight_decay: float = 0.0
+    """Adam weight decay (L2, as ``torch.optim.Adam``)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam (beta1, beta2)."""
     step_size: Optional[int] = 3
     """StepLR period in epochs; None keeps the learning rate constant."""
     gamma: float = 0.35
+    """StepLR factor applied every ``step_size`` epochs."""
 
 
 UNIMODAL_MODES = ("zero", "aux")
@@ -283,9 +290,17 @@ class AVTask(LightningModule):
             losses.update(self.unimodal_losses(feats, batch))
         return feats, outputs, losses
 
+    def empty_step_loss(self) -> Optional[Tensor]:
+        """The training step of a batch whose every clip failed to decode (skip policy)."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None  # no step on this batch
+        # DDP: the other ranks wait in the gradient all-reduce of this step. An exact zero that touches every
+        # trainable parameter runs it: this rank contributes a zero gradient (zero-weighted, not skipped).
+        return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
+
     def training_step(self, batch: Batch, batch_idx: int) -> Optional[Tensor]:
         if batch_size(batch) == 0:  # every clip of this batch failed to decode under the skip policy
-            return None
+            return self.empty_step_loss()
         feats, outputs, losses = self.training_losses(batch)
         loss = torch.stack(list(losses.values())).sum() + feats.aux_loss
         bs = batch_size(batch)
@@ -328,13 +343,24 @@ class AVTask(LightningModule):
         out: dict[str, Tensor] = {}
         for key in (f"{split}_metric", f"{split}_unimodal"):
             if key in self.metrics:
-                out.update(self.metrics[key].compute())
-                self.metrics[key].reset()
+                metric = self.metrics[key]
+                out.update(metric.compute())
+                if key == f"{split}_metric" and hasattr(metric, "details"):  # per-class results, metrics JSON
+                    self._details = {**getattr(self, "_details", {}), split: self.name_details(metric.details())}
+                metric.reset()
         return out
 
     def _log_metric(self, split: str) -> None:
         for name, value in self.compute_metrics(split).items():
             self.log(f"{split}/{name}", value, prog_bar=name == self.monitor.split("/")[-1], sync_dist=False)
+
+    def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
+        """Per-class results with class names instead of indices (tasks override; default: indices as strings)."""
+        return {k: {str(c): v for c, v in d.items()} for k, d in details.items()}
+
+    def metrics_details(self, split: str) -> dict[str, Any]:
+        """The latest per-class results of ``split`` (``details`` of the split metric), for the metrics JSON."""
+        return getattr(self, "_details", {}).get(split, {})
 
     def on_validation_epoch_end(self) -> None:
         self._log_metric("val")
@@ -373,7 +399,10 @@ class AVTask(LightningModule):
         """Gather every rank's records (padding removed by index) and write the file once, on rank zero."""
         records = gather_records(self._prediction_records, self.trainer.world_size)
         if records and self.trainer.is_global_zero:
-            write_json_atomic(self.prediction_path(), self.prediction_payload(records), indent=1)
+            payload = {"checkpoint": str(Path(self.trainer.ckpt_path).resolve()) if self.trainer.ckpt_path else None,
+                       **self.prediction_payload(records)}
+            write_json_atomic(self.prediction_path(), payload, indent=1)
+            rank_zero_info(f"predict: {len(records)} predictions written to {self.prediction_path()}")
         self._prediction_records = []
 
     # ---- optimisation -----------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ class MultitaskModule(AVTask):
         self.log_vars = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.tasks}) \
             if loss_weighting == "uncertainty" else None
         self.task_routers = task_routers
+        self.current_task: Optional[str] = None
         if task_routers:
             install_task_routers(self.backbone, list(self.tasks))
         self.save_hyperparameters(plain({
@@ -161,6 +162,7 @@ class MultitaskModule(AVTask):
             raise KeyError(f"multitask: batch task {name!r} is not one of {list(self.tasks)}")
         if self.task_routers:
             set_active_task(self.backbone, name)
+        self.current_task = name  # read by RouterUsage to split router statistics by task
         return self.tasks[name]
 
     def setup(self, stage: str) -> None:
@@ -224,7 +226,7 @@ class MultitaskModule(AVTask):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Optional[Tensor]:
         if batch_size(batch) == 0:
-            return None
+            return self.empty_step_loss()
         name = batch[TASK]
         feats, outputs, losses = self.training_losses(batch)
         task_loss = torch.stack(list(losses.values())).sum()
@@ -289,6 +291,11 @@ class MultitaskModule(AVTask):
         if scores:
             self.log(f"{split}/score", torch.stack(scores).mean(), prog_bar=True, sync_dist=False,
                      add_dataloader_idx=False)
+
+    def metrics_details(self, split: str) -> dict[str, Any]:
+        """Each member's per-class results of ``split`` (metrics JSON ``details``), by task."""
+        details = {name: task.metrics_details(split) for name, task in self.tasks.items()}
+        return {name: d for name, d in details.items() if d}
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         raise NotImplementedError("multitask predict is not supported: predict with a single-task module "

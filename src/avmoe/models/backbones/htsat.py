@@ -4,16 +4,24 @@ HTS-AT blocks run atomically (the official AVMoE code never splits them). ``Clap
 ``window_size``/``shift_size`` when the grid is not larger than the window (transformers ``ClapAudioLayer.set_shift_and_window_size``); calling
 the layer exactly as ``ClapAudioStage`` does (``blk(x, hw)``, ``always_partition=False``) keeps the stepped
 path identical to the library forward.
+
+In train mode (``AudioEncoderConfig.train_mode: true``) the encoder behaves as the official HTS-AT
+(``AVMOE/AVE/nets/htsat.py``, ``drop_rate=0``, ``drop_path_rate=0.1``, called from ``AVMOE/AVE/nets/net_trans_v3.py``
+``forward_swin``): SpecAugment after the mel BatchNorm (:class:`SpecAugment`), stochastic depth on *both* residual
+branches of every block (the library layer has it on the attention branch only and a dropout of
+``hidden_dropout_prob`` on the MLP output instead, which :func:`official_residual_drop_path` replaces) and BatchNorm
+statistics updates. In eval mode all of these are inactive.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import ClapAudioConfig, ClapAudioModel, ClapModel
 from transformers.models.clap.modeling_clap import ClapAudioLayer, ClapAudioStage
 
@@ -59,11 +67,60 @@ def build_htsat(cfg: AudioEncoderConfig) -> ClapAudioModel:
             stacklevel=2,
         )
         model = ClapAudioModel(clap_audio_config(cfg))
+    official_residual_drop_path(model)
+    if cfg.spec_augment:
+        model.spec_augment = SpecAugment()  # no tensors: the state dict is unchanged
     return model.float()
+
+
+def official_residual_drop_path(model: ClapAudioModel) -> None:
+    """Stochastic depth on the MLP branch too, at the block's own rate, instead of the MLP-output dropout.
+
+    ``ClapAudioLayer`` adds ``self.output(mlp)`` to the residual without drop-path; ``self.output.dropout`` sits on
+    exactly that branch, so replacing it by the block's ``drop_path`` gives ``x + DropPath(MLP(LN(x)))`` as in the
+    official ``SwinTransformerBlock`` (``AVMOE/AVE/nets/htsat.py``), whose MLP dropout is 0.
+    """
+    for stage in model.audio_encoder.layers:
+        for layer in stage.blocks:
+            layer.output.dropout = copy.deepcopy(layer.drop_path)
+
+
+class SpecAugment(nn.Module):
+    """Training-time SpecAugment of the official HTS-AT: zero random stripes of a (M, 1, frames, mels) log-mel.
+
+    Per sample, ``time_stripes`` stripes of width uniform in [0, ``time_width``) along time and ``freq_stripes`` of
+    width in [0, ``freq_width``) along mel bins, each starting uniformly where it fits (the official code uses
+    torchlibrosa ``SpecAugmentation(time_drop_width=64, time_stripes_num=2, freq_drop_width=8, freq_stripes_num=2)``).
+    Identity in eval mode.
+    """
+
+    def __init__(self, time_width: int = 64, time_stripes: int = 2, freq_width: int = 8, freq_stripes: int = 2) -> None:
+        super().__init__()
+        self.time_width, self.time_stripes = time_width, time_stripes
+        self.freq_width, self.freq_stripes = freq_width, freq_stripes
+
+    def forward(self, x: Tensor) -> Tensor:  # (M, 1, frames, mels)
+        if not self.training:
+            return x
+        keep = self._keep(x.shape[0], x.shape[2], self.time_width, self.time_stripes, x.device)[:, None, :, None]
+        keep = keep & self._keep(x.shape[0], x.shape[3], self.freq_width, self.freq_stripes, x.device)[:, None, None]
+        return x * keep.to(x.dtype)
+
+    @staticmethod
+    def _keep(m: int, total: int, width: int, stripes: int, device: torch.device) -> Tensor:
+        """(m, total) bool: False inside each sample's stripes."""
+        widths = torch.randint(0, max(min(width, total), 1), (m, stripes), device=device)  # (m, S)
+        starts = (torch.rand(m, stripes, device=device) * (total - widths)).long()  # start in [0, total - width)
+        pos = torch.arange(total, device=device)[None, None]  # (1, 1, total)
+        inside = (pos >= starts[..., None]) & (pos < (starts + widths)[..., None])  # (m, S, total)
+        return ~inside.any(1)
 
 
 def _load_folder(path: str, drop_path_rate: float) -> ClapAudioModel:
     """A ``ClapAudioModel`` folder, or a full ``ClapModel`` folder whose audio tower is taken."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"backbone.audio.pretrained: folder {path!r} does not exist (expected a local "
+                                "ClapAudioModel / ClapModel save_pretrained folder; nothing is downloaded)")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"No config.json in audio encoder folder {path!r} (expected save_pretrained output).")
@@ -98,6 +155,9 @@ def embed(model: ClapAudioModel, mel: Tensor) -> tuple[Tensor, Grid]:
     """
     enc = model.audio_encoder
     x = enc.batch_norm(mel.transpose(1, 3)).transpose(1, 3)  # (M, 1, F, mels)
+    augment = getattr(model, "spec_augment", None)
+    if augment is not None:
+        x = augment(x)  # identity unless the encoder is in train mode
     x = enc.patch_embed(enc.reshape_mel2img(x), None)  # (M, N0, C0)
     return x, tuple(enc.input_resolutions[0])
 

@@ -7,6 +7,7 @@ The library has no public entry point for "the attention half" of a ``Swinv2Laye
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -37,6 +38,9 @@ def swin_config(cfg: VisualEncoderConfig) -> Swinv2Config:
 def build_swin(cfg: VisualEncoderConfig) -> Swinv2Model:
     """Load ``cfg.pretrained`` (a local ``save_pretrained`` folder) or build a randomly initialised encoder."""
     if cfg.pretrained is not None:
+        if not os.path.isdir(cfg.pretrained):  # else the hub reports "Repo id must be in the form ..."
+            raise FileNotFoundError(f"backbone.visual.pretrained: folder {cfg.pretrained!r} does not exist (expected "
+                                    "a local Swinv2Model.save_pretrained folder; nothing is downloaded)")
         model = Swinv2Model.from_pretrained(
             cfg.pretrained,
             local_files_only=True,

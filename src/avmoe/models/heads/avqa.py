@@ -23,9 +23,11 @@ class AVQAHeadConfig:
     word_dim: Optional[int] = None
     """Question word-embedding width; None = the head width d (official ``Embedding(93, 1536)``)."""
     lstm_layers: int = 1
+    """Layers of the question LSTM (word-embedding question encoder)."""
     num_heads: int = 4
     """Heads of the question-guided temporal attention (``nn.MultiheadAttention(d, 4)``)."""
     dropout: float = 0.1
+    """Dropout of the question-guided attention blocks."""
     match_hidden: list[int] = field(default_factory=lambda: [512, 256, 128])
     """Hidden widths of the audio-visual match MLP (official 3072 -> 512 -> 256 -> 128 -> 2)."""
     num_classes: Optional[int] = None
@@ -37,6 +39,7 @@ class AVQAHeadConfig:
     text_model_trainable: bool = False
     """Fine-tune the text model (default: frozen, in eval mode)."""
     text_max_length: int = 32
+    """Token limit of questions fed to ``text_model``."""
 
 
 class QuestionLSTM(nn.Module):

@@ -45,11 +45,15 @@ class AVSHeadConfig:
     gamma: float = 0.05
     """Strength of the temporal audio/video gates (0.05 S4, 0.1 MS3)."""
     temporal_d_model: int = 256
+    """Width of the temporal Transformer encoders of the audio / video gates."""
     temporal_heads: int = 4
+    """Attention heads of the temporal Transformer encoders."""
     temporal_ff_dim: int = 1024
+    """Feed-forward width of the temporal Transformer encoders."""
     temporal_layers: int = 2
     """Layers of each temporal Transformer encoder."""
     temporal_dropout: float = 0.1
+    """Dropout inside the temporal Transformer encoders."""
     proj_dropout: float = 0.2
     """Dropout after the pooled-map projection of the temporal gating."""
     tpavi_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])

@@ -13,12 +13,15 @@ Per clip of T one-second segments:
    blocks and the visual groups re-group the audio groups;
 4. outputs: video-level probabilities ``sigmoid(fc_prob(x))``; per-modality video-level probabilities
    ``sigmoid(fc_prob_a(x_a))`` / ``sigmoid(fc_prob_v(x_v))``; segment probabilities = modality probability of
-   the class x the segment's assignment weight to that class group (so a segment passes 0.5 for at most one
-   class of a modality, as in MGN); class-token logits ``fc_cls(tokens)`` for the token classification loss.
+   the class x the segment's weight for that class group (``segment_weights``: official ``1 + softmax over the
+   segments of the assignment``, or the assignment itself); class-token logits ``fc_cls(tokens)`` for the token
+   classification loss.
 
 Differences from the official code, on purpose: multi-head attention uses ``scaled_dot_product_attention``
 with separate q/k/v projections (the official self-attention fuses them into one Linear: same function,
-different parameter layout); the R(2+1)D stream is optional (``st_dim = 0`` uses the Swin stream alone).
+different parameter layout; ``python -m avmoe.convert_official`` splits it); the R(2+1)D stream is optional
+(``st_dim = 0`` uses the Swin stream alone); clips are independent (the official code lays the pooled features of
+a batch out as one (1, B*T) sequence, which is only right at its batch size 1).
 
 ``arch: mmil`` selects the AVVP-ECCV20 baseline instead (Tian et al. 2020, ``nets/net_audiovisual.py``): one
 hybrid-attention (HAN) layer shared by both modalities, per-segment per-modality sigmoid class probabilities and
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Assign = Literal["soft", "hard"]
+SegmentWeights = Literal["official", "assignment"]
 Arch = Literal["mgn", "mmil"]
 
 
@@ -48,19 +52,33 @@ class AVVPHeadConfig:
     """``mgn`` (AVMoE's head) or ``mmil`` (the AVVP-ECCV20 HAN + attentive MMIL baseline; official dim 512,
     1 head, dropout 0.1)."""
     num_classes: int = 25
+    """Event classes (LLP: 25)."""
     num_segments: int = 10
     """T: the HAN grouping block mixes over the segment axis, so the clip length is part of the weights."""
     dim: int = 128
+    """Token width of the grouping transformer blocks."""
     depth_audio: int = 3
+    """Transformer blocks of the audio class-aware grouping."""
     depth_visual: int = 3
+    """Transformer blocks of the visual class-aware grouping."""
     depth_av: int = 6
+    """Transformer blocks of the cross-modal grouping."""
     num_heads: int = 8
+    """Attention heads of every transformer block."""
     mlp_ratio: float = 4.0
+    """Feed-forward width of the transformer blocks as a multiple of ``dim``."""
     drop_path: float = 0.1
     """Stochastic depth of every transformer block (constant, as official)."""
     unimodal_assign: Assign = "soft"
     """Class-aware unimodal grouping: soft (softmax) or hard (straight-through Gumbel in training)."""
     crossmodal_assign: Assign = "soft"
+    """Cross-modal grouping: soft (softmax) or hard (straight-through Gumbel in training)."""
+    segment_weights: SegmentWeights = "official"
+    """Segment probability = modality probability x weight. ``official``: with soft unimodal assignment the weight
+    is the ``soft`` entry of the official ``AssignAttention`` attention dict, ``1 + softmax_segments(assignment)``
+    (in (1, 2): ``AVMOE/AVVP/nets/grouping.py`` ``AssignAttention.forward``, read by ``nets/mgn.py``); with hard
+    assignment the hard assignment. ``assignment``: the assignment itself (softmax over the class groups), so a
+    segment passes 0.5 for at most one class of a modality."""
     st_dim: int = 0
     """Width of optional spatio-temporal visual features (R(2+1)D-18: 512) in ``batch["visual_st"]``; 0: none."""
     dropout: float = 0.1
@@ -293,6 +311,7 @@ class MGNHead(nn.Module):
         g_av, _ = self.av_mcg(g_a, g_v)  # audio groups re-grouped by the visual groups
         audio_prob = torch.sigmoid(self.fc_prob_a(g_a)).squeeze(-1)  # (B, C)
         visual_prob = torch.sigmoid(self.fc_prob_v(g_v)).squeeze(-1)
+        assign_a, assign_v = self._segment_weights(assign_a), self._segment_weights(assign_v)
         return {
             "global_prob": torch.sigmoid(self.fc_prob(g_av)).squeeze(-1),
             "audio_prob": audio_prob,
@@ -302,6 +321,12 @@ class MGNHead(nn.Module):
             "audio_cls_logits": self.fc_cls(self.audio_token.weight),  # (C, C)
             "visual_cls_logits": self.fc_cls(self.visual_token.weight),
         }
+
+
+    def _segment_weights(self, assign: Tensor) -> Tensor:  # (B, C, T)
+        if self.cfg.segment_weights == "official" and self.cfg.unimodal_assign == "soft":
+            return 1.0 + assign.softmax(-1)  # the official "soft" attention: softmax over segments, plus one
+        return assign
 
 
 class HANLayer(nn.Module):
