@@ -11,7 +11,7 @@ PYTEST_WORKERS ?= 2
 # core, and tiny models gain nothing from threads (2 threads made the demo ~10x slower through oversubscription).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help install demo demo-avvp demo-avs demo-avqa test test-fast bench-cpu clean
+.PHONY: help install demo demo-avvp demo-avs demo-avqa demo-multitask test test-fast bench-cpu clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -41,6 +41,13 @@ demo-avqa: install  ## AVQA: synthetic MUSIC-AVQA release in data/demo_avqa, lig
 	$(PY) -m avmoe.datamodules.synthetic musicavqa --root data/demo_avqa
 	$(VENV)/bin/lightning fit --config lightning_configs/demo_avqa.yaml --run.overwrite true
 
+demo-multitask: install  ## the four synthetic releases (if absent), one tiny backbone trained on AVE + AVVP + AVQA + AVS at once
+	$(PY) -m avmoe.datamodules.synthetic ave --root data/demo_ave
+	$(PY) -m avmoe.datamodules.synthetic llp --root data/demo_llp
+	$(PY) -m avmoe.datamodules.synthetic musicavqa --root data/demo_avqa
+	$(PY) -m avmoe.datamodules.synthetic avs_s4 --root data/demo_avs_s4
+	$(VENV)/bin/lightning fit --config lightning_configs/demo_multitask.yaml
+
 test: install  ## the whole suite (CPU; slow and 2-process DDP tests included)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
@@ -48,4 +55,4 @@ test-fast: install  ## the suite without slow / DDP tests
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow and not ddp" $(PYTEST_ARGS)
 
 clean:  ## remove runs, every demo's data and caches (keeps the venv)
-	rm -rf runs $(DEMO_DATA) data/demo_ave data/demo_llp data/demo_avs_s4 data/demo_avqa .pytest_cache
+	rm -rf runs $(DEMO_DATA) data/demo_ave data/demo_llp data/demo_avs_s4 data/demo_avqa data/demo_avqa_cache .pytest_cache

@@ -43,3 +43,7 @@ __all__ = [
     "segment_labels",
     "worker_init",
 ]
+
+from .multitask import MultitaskDataModule, TaskSampler, task_probabilities  # noqa: E402
+
+__all__ += ["MultitaskDataModule", "TaskSampler", "task_probabilities"]

@@ -44,10 +44,10 @@ from avmoe.callbacks.router_usage import RouterUsage
 from avmoe.callbacks.robustness import RobustEval, run_sweep
 from avmoe.callbacks.seeding import StepSeeding
 from avmoe.ckpt_hparams import describe_overrides, merge_hparams
-from avmoe.datamodules.base import AVDataModule
 from avmoe.errors import DEBUG_ENV, debug_enabled, user_error_message
 from avmoe.quiet import quiet_known_warnings
 from avmoe.robustness.sweep import RobustnessConfig, as_robustness
+from lightning.pytorch import LightningDataModule
 from avmoe.tasks.base import AVTask
 
 SIGTERM_EXIT_CODE = 143
@@ -339,6 +339,8 @@ def init_weights(model: LightningModule, ckpt_path: str, strict: bool = True) ->
     if not path.is_file():
         raise FileNotFoundError(f"run.init_from: checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in ckpt and hasattr(model, "adapt_checkpoint"):  # single-task <-> multitask layouts
+        ckpt = model.adapt_checkpoint(ckpt)
     if "state_dict" in ckpt:
         # The task's own hook first: it restores omitted frozen encoder weights and rebuilds parts that depend on
         # the checkpoint (AVQA builds its vocabulary-sized layers from the stored vocabularies).
@@ -375,7 +377,7 @@ def cli_main(args: ArgsType = None) -> None:
     try:
         AVMoECLI(
             AVTask,
-            AVDataModule,
+            LightningDataModule,  # AVDataModule subclasses, or MultitaskDataModule combining them
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},

@@ -3,6 +3,7 @@
 from avmoe.callbacks._distributed import ParameterChecksum
 from avmoe.callbacks.avs_visual import AVSMaskImages
 from avmoe.callbacks.crmt import CRMT
+from avmoe.callbacks.figures import AVESegments, AVVPTimelines, FeatureEmbeddings
 from avmoe.callbacks.checkpointing import LatestCheckpoint, latest_checkpoint
 from avmoe.callbacks.metrics_json import MetricsJSON
 from avmoe.callbacks.ogm import OGM, OGMGE, ogm_coefficients
@@ -16,8 +17,11 @@ from avmoe.callbacks.seeding import StepSeeding
 from avmoe.callbacks.valuation import ModalityValuation, shapley_contributions
 
 __all__ = [
+    "AVESegments",
     "AVSMaskImages",
     "CRMT",
+    "AVVPTimelines",
+    "FeatureEmbeddings",
     "LatestCheckpoint",
     "LineProgressBar",
     "MetricsJSON",

@@ -52,7 +52,8 @@ class RobustEval(Callback):
         if self.setting.audio_corruption != "none":
             if trainer.datamodule is None:
                 raise ValueError("audio corruptions act in the Dataset's log-mel front end: pass a datamodule")
-            install_wave_transform(trainer.datamodule, self._transform(trainer.datamodule), STAGE_SPLITS[stage])
+            for dm in _members(trainer.datamodule):
+                install_wave_transform(dm, self._transform(dm), STAGE_SPLITS[stage])
         if self.dirpath is not None and trainer.is_global_zero:
             write_json_atomic(self.dirpath / "robustness_setting.json",
                               {"stage": stage, "setting": self.setting.as_dict()}, sort_keys=True)
@@ -65,7 +66,14 @@ class RobustEval(Callback):
             return
         pl_module.eval_setting = self._previous
         if self.setting.audio_corruption != "none" and trainer.datamodule is not None:
-            install_wave_transform(trainer.datamodule, None, STAGE_SPLITS[stage])
+            for dm in _members(trainer.datamodule):
+                install_wave_transform(dm, None, STAGE_SPLITS[stage])
+
+
+def _members(datamodule: Any) -> list[Any]:
+    """The task DataModules behind ``datamodule``: itself, or the members of a multitask DataModule."""
+    members = getattr(datamodule, "tasks", None)
+    return list(members.values()) if isinstance(members, dict) else [datamodule]
 
 
 @contextmanager

@@ -4,7 +4,9 @@ For every MoE module (``<stage>.<position>.<a1|v1|a2|v2>``: audio / visual side,
 (cross-modal first, then unimodal, as :class:`~avmoe.models.moe.MoEAdapter` orders them), over all frames of an
 epoch: the **mean router weight** and the **argmax share** (fraction of frames whose largest weight is that
 expert). Logged as scalars (``router/<module>/e<k>_weight``, ``.../e<k>_top1``), as a module x expert heat map
-image in TensorBoard, and as ``<run folder>/router_usage/<split>.json`` (every epoch appended).
+image in TensorBoard, and as ``<run folder>/router_usage/<split>.json`` (every epoch appended). On a
+:class:`~avmoe.tasks.MultitaskModule` everything is per task (``router/<task>/...``, ``<split>_<task>.json``, one
+heat map per task per epoch), so one sees whether tasks route differently.
 
 Sums stay on the device during the epoch (a forward hook adds each batch's (modules, experts) sums; no host
 sync per step); one all-reduce and one copy to the host per epoch.
@@ -95,6 +97,7 @@ class RouterUsage(Callback):
         self._handle: Any = None
         self._split: Optional[str] = None  # what the forward hook accumulates into ("train", "val", None)
         self._paused: Optional[str] = None
+        self._module: Any = None
 
     # -- accumulation (device only) -------------------------------------------------------------------
     def _hook(self, module: Any, inputs: Any, output: Any) -> None:
@@ -102,11 +105,14 @@ class RouterUsage(Callback):
         if self._split is None or not weights:
             return
         stats = router_statistics(weights)
-        acc = self._sums.get(self._split)
-        self._sums[self._split] = stats if acc is None else {k: acc[k] + stats[k] for k in acc}
+        task = getattr(self._module, "current_task", None)  # a multitask module: usage is split by task
+        key = self._split if task is None else f"{self._split}_{task}"
+        acc = self._sums.get(key)
+        self._sums[key] = stats if acc is None else {k: acc[k] + stats[k] for k in acc}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         backbone = getattr(pl_module, "backbone", None)
+        self._module = pl_module
         if backbone is not None and self._handle is None:
             self._handle = backbone.register_forward_hook(self._hook)
 
@@ -117,12 +123,14 @@ class RouterUsage(Callback):
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._split = "train"
-        self._sums.pop("train", None)
+        for key in [k for k in self._sums if k == "train" or k.startswith("train_")]:
+            del self._sums[key]
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._paused = self._split  # validation inside a training epoch: training resumes after it
         self._split = None if trainer.sanity_checking else "val"
-        self._sums.pop("val", None)
+        for key in [k for k in self._sums if k == "val" or k.startswith("val_")]:
+            del self._sums[key]
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._split == "val":
@@ -135,9 +143,14 @@ class RouterUsage(Callback):
 
     # -- once per epoch -------------------------------------------------------------------------------
     def _publish(self, trainer: Any, pl_module: Any, split: str) -> None:
-        sums = self._sums.pop(split, None)
-        if sums is None:
-            return
+        """Every key of ``split``: the split itself, or ``<split>_<task>`` per task of a multitask module (sorted,
+        so every rank reduces the same keys in the same order: all ranks run the same tasks)."""
+        for key in sorted(k for k in self._sums if k == split or k.startswith(f"{split}_")):
+            self._publish_key(trainer, pl_module, split, key)
+
+    def _publish_key(self, trainer: Any, pl_module: Any, split: str, key: str) -> None:
+        sums = self._sums.pop(key)
+        task = key[len(split) + 1:] if key != split else None
         sums = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}  # one collective / key
         usage = usage_from_sums(sums)
         cfg = pl_module.backbone.config.adapter
@@ -146,7 +159,7 @@ class RouterUsage(Callback):
         if len(modules) != usage["weight"].shape[0]:  # an unexpected backbone: number them
             modules = [str(i) for i in range(usage["weight"].shape[0])]
         if self.log_scalars:
-            prefix = "router" if split == "train" else "val_router"
+            prefix = ("router" if split == "train" else "val_router") + (f"/{task}" if task else "")
             values = {f"{prefix}/{m}/e{e}_{kind}": float(usage[kind][i, e]) for kind in ("weight", "top1")
                       for i, m in enumerate(modules) for e in range(len(experts))}
             pl_module.log_dict(values, on_epoch=True, on_step=False, sync_dist=False, rank_zero_only=True)
@@ -155,13 +168,14 @@ class RouterUsage(Callback):
         epoch = trainer.current_epoch
         image = None
         if self.image_every_n_epochs and epoch % self.image_every_n_epochs == 0:
-            image = heatmap(usage["weight"], modules, experts, f"{split} epoch {epoch}: mean router weight")
+            image = heatmap(usage["weight"], modules, experts,
+                            f"{key.replace('_', ' ')} epoch {epoch}: mean router weight")
             for logger in trainer.loggers:
                 add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
                 if callable(add_image) and type(logger).__name__ == "TensorBoardLogger":
-                    add_image(f"router/{split}_weight", image, global_step=trainer.global_step, dataformats="HWC")
+                    add_image(f"router/{key}_weight", image, global_step=trainer.global_step, dataformats="HWC")
         if self.dirpath is not None:
-            self._write(split, epoch, trainer.global_step, modules, experts, usage, image)
+            self._write(key, epoch, trainer.global_step, modules, experts, usage, image)
 
     def _write(self, split: str, epoch: int, step: int, modules: list[str], experts: list[str],
                usage: dict[str, np.ndarray], image: Optional[np.ndarray]) -> None:

@@ -5,5 +5,6 @@ from avmoe.tasks.avqa import AVQATask
 from avmoe.tasks.avs import AVSLossConfig, AVSTask
 from avmoe.tasks.avvp import AVVPLossConfig, AVVPTask
 from avmoe.tasks.base import AVTask, OptimConfig, StepRecord
+from avmoe.tasks.multitask import MultitaskModule
 
-__all__ = ["AVTask", "AVETask", "AVQATask", "AVSLossConfig", "AVSTask", "AVVPLossConfig", "AVVPTask", "OptimConfig", "StepRecord"]
+__all__ = ["AVTask", "AVETask", "AVQATask", "AVSLossConfig", "AVSTask", "AVVPLossConfig", "AVVPTask", "MultitaskModule", "OptimConfig", "StepRecord"]

@@ -126,7 +126,7 @@ class AVQATask(AVTask):
             )
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.task_datamodule
         answers, words = getattr(dm, "answer_vocab", None), getattr(dm, "question_vocab", None)
         if self.head is None:
             if answers is None or words is None:

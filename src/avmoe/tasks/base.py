@@ -25,9 +25,11 @@ head exists).
 from __future__ import annotations
 
 from abc import abstractmethod
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, TypeVar
+from typing import Any, Callable, Iterator, Literal, Optional, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule
@@ -50,6 +52,20 @@ FeatureHook = Callable[["AVTask", BackboneOutput, Batch], BackboneOutput]
 LossHook = Callable[["AVTask", Outputs, Batch, dict[str, Tensor]], dict[str, Tensor]]
 C = TypeVar("C")
 OMITTED_KEY = "omitted_frozen_prefixes"  # checkpoint entry naming the encoder weights left out of it
+MEMBERS_KEY = "multitask_members"  # multitask checkpoints: what each member task's own checkpoint hook stored
+_SHARED_BACKBONE: ContextVar[Optional[AVMoEBackbone]] = ContextVar("avmoe_shared_backbone", default=None)
+
+
+@contextmanager
+def shared_backbone(backbone: AVMoEBackbone) -> Iterator[None]:
+    """Tasks constructed inside this context use ``backbone`` (not registered as their submodule, so its weights
+    appear once in the owner's state dict) instead of building their own; their ``backbone`` argument is ignored.
+    This is how :class:`avmoe.tasks.MultitaskModule` composes task modules around one backbone."""
+    token = _SHARED_BACKBONE.set(backbone)
+    try:
+        yield
+    finally:
+        _SHARED_BACKBONE.reset(token)
 
 
 @dataclass
@@ -139,20 +155,38 @@ class AVTask(LightningModule):
 
     def __init__(self, backbone: AVMoEConfig, optim: OptimConfig, unimodal: UnimodalConfig = UnimodalConfig()) -> None:
         super().__init__()
-        self.backbone_config = as_config(AVMoEConfig, backbone)
+        shared = _SHARED_BACKBONE.get()
+        self.backbone_config = shared.config if shared is not None else as_config(AVMoEConfig, backbone)
         self.optim = as_config(OptimConfig, optim)
         self.unimodal = as_config(UnimodalConfig, unimodal)
         self.unimodal_heads: Optional[nn.ModuleDict] = None  # built by build_unimodal_heads (mode "aux")
-        self.backbone = AVMoEBackbone(self.backbone_config)
-        self.metrics = nn.ModuleDict({"val_metric": self.make_metric(), "test_metric": self.make_metric()})
-        if self.unimodal.eval_correctness:
-            self.metrics.update({"val_unimodal": UnimodalCorrectness(), "test_unimodal": UnimodalCorrectness()})
+        if shared is None:
+            self.backbone = AVMoEBackbone(self.backbone_config)
+        else:  # a plain attribute, not a submodule: the composing module owns (saves, moves, wraps) it
+            self.__dict__["backbone"] = shared
+        self.metrics = self.build_metrics()
         self.feature_hooks: list[FeatureHook] = []
         self.loss_hooks: list[LossHook] = []
         self.record_steps = False
         self.last_step: Optional[StepRecord] = None
         self._prediction_records: list[dict[str, Any]] = []
         self.eval_setting: Optional[EvalSetting] = None  # robustness condition of val/test/predict batches
+
+    def build_metrics(self) -> nn.ModuleDict:
+        """Split metrics: ``{val,test}_metric`` (the task's official metric) and ``{val,test}_unimodal``."""
+        metrics = nn.ModuleDict({"val_metric": self.make_metric(), "test_metric": self.make_metric()})
+        if self.unimodal.eval_correctness:
+            metrics.update({"val_unimodal": UnimodalCorrectness(), "test_unimodal": UnimodalCorrectness()})
+        return metrics
+
+    @property
+    def task_datamodule(self) -> Any:
+        """The DataModule feeding this task: the Trainer's, or the one a composing module assigned
+        (``_task_datamodule``), e.g. the AVQA member of a multitask DataModule."""
+        own = self.__dict__.get("_task_datamodule")
+        if own is not None:
+            return own
+        return self.trainer.datamodule if self._trainer is not None else None
 
     # ---- task-specific pieces ---------------------------------------------------------------------------
     @abstractmethod
@@ -262,19 +296,28 @@ class AVTask(LightningModule):
         return losses
 
     # ---- loops ------------------------------------------------------------------------------------------
-    def training_step(self, batch: Batch, batch_idx: int) -> Optional[Tensor]:
-        if batch_size(batch) == 0:  # every clip of this batch failed to decode under the skip policy
-            if self._trainer is None or self.trainer.world_size <= 1:
-                return None  # no step on this batch
-            # DDP: the other ranks wait in the gradient all-reduce of this step. An exact zero that touches every
-            # trainable parameter runs it: this rank contributes a zero gradient (zero-weighted, not skipped).
-            return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
+    def training_losses(self, batch: Batch) -> tuple[BackboneOutput, Outputs, dict[str, Tensor]]:
+        """Forward and the named training loss terms (task losses, then auxiliary-head losses)."""
         feats, outputs = self(batch)
         losses = self.compute_losses(outputs, batch)
         if self.unimodal_heads is not None:
             losses.update(self.unimodal_losses(feats, batch))
         for hook in self.loss_hooks:
             losses = hook(self, outputs, batch, losses)
+        return feats, outputs, losses
+
+    def empty_step_loss(self) -> Optional[Tensor]:
+        """The training step of a batch whose every clip failed to decode (skip policy)."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None  # no step on this batch
+        # DDP: the other ranks wait in the gradient all-reduce of this step. An exact zero that touches every
+        # trainable parameter runs it: this rank contributes a zero gradient (zero-weighted, not skipped).
+        return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Optional[Tensor]:
+        if batch_size(batch) == 0:  # every clip of this batch failed to decode under the skip policy
+            return self.empty_step_loss()
+        feats, outputs, losses = self.training_losses(batch)
         loss = torch.stack(list(losses.values())).sum() + feats.aux_loss
         bs = batch_size(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -286,19 +329,24 @@ class AVTask(LightningModule):
             self.last_step = StepRecord(feats.detach(), {k: v.detach() for k, v in outputs.items()}, batch)
         return loss
 
-    def _eval_step(self, batch: Batch, split: str) -> Outputs:
-        if batch_size(batch) == 0:
-            return {}
-        batch = apply_setting(self.eval_setting, self, batch)
+    def eval_update(self, batch: Batch, split: str) -> tuple[Tensor, Outputs]:
+        """Forward one evaluation batch, update the ``split`` metrics; returns (summed loss, outputs)."""
         feats, outputs = self(batch)
         losses = self.compute_losses(outputs, batch)
         loss = torch.stack(list(losses.values())).sum()
-        self.log(f"{split}/loss", loss, batch_size=batch_size(batch), sync_dist=True)
         self.update_metric(self.metrics[f"{split}_metric"], outputs, batch)
         if self.unimodal.eval_correctness:  # how well each modality does alone (diagnostic, not the task metric)
             uni = self.unimodal_outputs(feats, batch)
             self.metrics[f"{split}_unimodal"].update(batch[INDEX], *(self.sample_correct(uni[m], batch).detach()
                                                                      for m in MODALITIES))
+        return loss, outputs
+
+    def _eval_step(self, batch: Batch, split: str) -> Outputs:
+        if batch_size(batch) == 0:
+            return {}
+        batch = apply_setting(self.eval_setting, self, batch)
+        loss, outputs = self.eval_update(batch, split)
+        self.log(f"{split}/loss", loss, batch_size=batch_size(batch), sync_dist=True)
         return outputs
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -307,17 +355,21 @@ class AVTask(LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def _log_metric(self, split: str) -> None:
+    def compute_metrics(self, split: str) -> dict[str, Tensor]:
+        """The ``split`` metrics' values (synced over ranks by torchmetrics), then reset."""
+        out: dict[str, Tensor] = {}
         for key in (f"{split}_metric", f"{split}_unimodal"):
-            if key not in self.metrics:
-                continue
-            metric = self.metrics[key]
-            values = metric.compute()
-            if key == f"{split}_metric" and hasattr(metric, "details"):  # per-class results, metrics JSON
-                self._details = {**getattr(self, "_details", {}), split: self.name_details(metric.details())}
-            metric.reset()
-            for name, value in values.items():
-                self.log(f"{split}/{name}", value, prog_bar=name == self.monitor.split("/")[-1], sync_dist=False)
+            if key in self.metrics:
+                metric = self.metrics[key]
+                out.update(metric.compute())
+                if key == f"{split}_metric" and hasattr(metric, "details"):  # per-class results, metrics JSON
+                    self._details = {**getattr(self, "_details", {}), split: self.name_details(metric.details())}
+                metric.reset()
+        return out
+
+    def _log_metric(self, split: str) -> None:
+        for name, value in self.compute_metrics(split).items():
+            self.log(f"{split}/{name}", value, prog_bar=name == self.monitor.split("/")[-1], sync_dist=False)
 
     def name_details(self, details: dict[str, Any]) -> dict[str, Any]:
         """Per-class results with class names instead of indices (tasks override; default: indices as strings)."""
@@ -402,6 +454,15 @@ class AVTask(LightningModule):
             for key in [k for k in state if k.startswith(prefixes)]:
                 del state[key]
             checkpoint[OMITTED_KEY] = list(prefixes)
+
+    def adapt_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint of another layout in this module's (``run.init_from``): a multitask checkpoint becomes this
+        task's member (shared backbone + its head); anything else is returned as it is."""
+        if MEMBERS_KEY not in checkpoint:
+            return checkpoint
+        from avmoe.tasks.multitask import member_checkpoint  # noqa: PLC0415 - multitask imports this module
+
+        return member_checkpoint(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = tuple(checkpoint.get(OMITTED_KEY, ()))
