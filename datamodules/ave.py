@@ -18,6 +18,7 @@ independent equivalent of one frame per segment.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from .annotations import AnnotationError, read_annotation_text, require_rows
 from .audio import LogMel, LogMelConfig
 from .base import AVDataModule, ClipDataset, DecodePolicy, resize_frames
 from .decoding import DecodeError, VideoBackend, read_audio, read_frames
@@ -72,6 +74,7 @@ VIDEO_DIR = "AVE"
 AudioSource = Literal["auto", "video", "wav"]
 _CATEGORY_INDEX = {name: i for i, name in enumerate(AVE_CATEGORIES)}
 _COLUMNS = ["category", "video_id", "quality", "start", "end"]
+_SECONDS = re.compile(r"[0-9]{1,2}")  # ASCII digits only: int() would also take "1_0", " 3" or Arabic-Indic digits
 
 
 def read_ave_list(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -83,19 +86,20 @@ def read_ave_list(path: str | os.PathLike[str]) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a malformed row (field count, non-integer or out-of-range times, start > end,
-            unknown category); the message names the file and the 1-based line.
+        AnnotationError: bytes that are not UTF-8, or a malformed row (field count, times that are not whole
+            seconds in [0, 10], start > end, unknown category, empty VideoID); the message names the file and
+            the 1-based line. (A ``ValueError`` subclass.)
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"AVE list file not found: {path}")
+    text = read_annotation_text(path)
     rows: list[tuple[Any, ...]] = []
-    with open(path, encoding="utf-8-sig") as handle:  # utf-8-sig: tolerate a BOM
-        for line_no, raw in enumerate(handle, start=1):
-            line = raw.strip()
-            if not line or (line_no == 1 and line == AVE_HEADER):
-                continue
-            rows.append((*_parse_row(line, path, line_no), line_no))
+    for line_no, raw in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+        line = raw.strip()
+        if not line or (line_no == 1 and line == AVE_HEADER):
+            continue
+        rows.append((*_parse_row(line, path, line_no), line_no))
     frame = pd.DataFrame(rows, columns=[*_COLUMNS, "class_index", "line"])
     for col in ("start", "end", "class_index", "line"):
         frame[col] = frame[col].astype(np.int64)
@@ -103,21 +107,22 @@ def read_ave_list(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def _parse_row(line: str, path: Path, line_no: int) -> tuple[Any, ...]:
-    where = f"{path}, line {line_no}"
+    def bad(reason: str) -> AnnotationError:
+        return AnnotationError(path, reason, line_no)
+
     fields = [f.strip() for f in line.split("&")]
     if len(fields) != 5:
-        raise ValueError(f"{where}: expected 5 '&'-separated fields ({AVE_HEADER}), got {len(fields)}: {line!r}")
+        raise bad(f"expected 5 '&'-separated fields ({AVE_HEADER}), got {len(fields)}: {line!r}")
     category, video_id, quality, start_s, end_s = fields
-    try:
-        start, end = int(start_s), int(end_s)
-    except ValueError:
-        raise ValueError(f"{where}: StartTime/EndTime must be integers, got {start_s!r}/{end_s!r}") from None
+    if not (_SECONDS.fullmatch(start_s) and _SECONDS.fullmatch(end_s)):
+        raise bad(f"StartTime/EndTime must be integers (whole seconds, ASCII digits), got {start_s!r}/{end_s!r}")
+    start, end = int(start_s), int(end_s)
     if not 0 <= start <= end <= NUM_SEGMENTS:
-        raise ValueError(f"{where}: need 0 <= StartTime <= EndTime <= {NUM_SEGMENTS}, got {start}/{end}")
+        raise bad(f"need 0 <= StartTime <= EndTime <= {NUM_SEGMENTS}, got {start}/{end}")
     if category not in _CATEGORY_INDEX:
-        raise ValueError(f"{where}: unknown category {category!r} (not one of the 28 AVE categories)")
+        raise bad(f"unknown category {category!r} (not one of the 28 AVE categories)")
     if not video_id:
-        raise ValueError(f"{where}: empty VideoID")
+        raise bad("empty VideoID")
     return category, video_id, quality, start, end, _CATEGORY_INDEX[category]
 
 
@@ -128,8 +133,13 @@ def segment_labels(class_index: np.ndarray, start: np.ndarray, end: np.ndarray) 
     return np.where(inside, class_index[:, None], BACKGROUND).astype(np.int64)
 
 
-def _annotation_rows(split: pd.DataFrame, annotations: pd.DataFrame, split_path: Path) -> np.ndarray:
-    """0-based Annotations.txt row of every split row (as the official ``*_order.h5``)."""
+def _annotation_rows(split: pd.DataFrame, annotations: pd.DataFrame, split_path: Path,
+                     annotations_path: Path | str = ANNOTATIONS_FILE) -> np.ndarray:
+    """0-based Annotations.txt row of every split row (as the official ``*_order.h5``).
+
+    The k-th identical copy of a row in a split maps to the k-th identical copy in Annotations.txt; a split row
+    without its own copy there is an :class:`AnnotationError` (a repeated row says so, naming the first copy).
+    """
     key = ["category", "video_id", "start", "end"]
     ann = annotations[key].copy()
     ann["row"] = np.arange(len(ann))
@@ -140,8 +150,17 @@ def _annotation_rows(split: pd.DataFrame, annotations: pd.DataFrame, split_path:
     merged = left.merge(ann, on=[*key, "dup"], how="left")
     missing = merged["row"].isna().to_numpy()
     if missing.any():
-        line = int(split["line"].to_numpy()[missing][0])
-        raise ValueError(f"{split_path}, line {line}: row not found in {ANNOTATIONS_FILE}")
+        first = int(np.flatnonzero(missing)[0])
+        line = int(split["line"].to_numpy()[first])
+        same = (split[key] == split[key].iloc[first]).all(axis=1).to_numpy()
+        held = int((ann[key] == split[key].iloc[first]).all(axis=1).sum())
+        if held:
+            earlier = int(split["line"].to_numpy()[np.flatnonzero(same)[0]])
+            raise AnnotationError(split_path, f"this row repeats line {earlier} of the split file "
+                                  f"({int(same[: first + 1].sum())} copies so far), but {annotations_path} holds "
+                                  f"{held} copy(ies) of it: remove the repeated row", line)
+        raise AnnotationError(split_path, f"row not found in {annotations_path} (no row there has this "
+                              "Category, VideoID, StartTime and EndTime)", line)
     return merged["row"].to_numpy(dtype=np.int64)
 
 
@@ -250,7 +269,9 @@ class AVEDataModule(AVDataModule):
     def annotations(self) -> pd.DataFrame:
         """Parsed ``Annotations.txt`` (read once per process)."""
         if self._annotations is None:
-            self._annotations = read_ave_list(self._check_layout() / ANNOTATIONS_FILE)
+            path = self._check_layout() / ANNOTATIONS_FILE
+            self._annotations = read_ave_list(path)
+            require_rows(len(self._annotations), path, "annotation rows")
         return self._annotations
 
     def build_folder_dataset(self, folder: str) -> Dataset:
@@ -264,7 +285,8 @@ class AVEDataModule(AVDataModule):
         root = self._check_layout()
         split_path = root / SPLIT_FILES[split]
         table = read_ave_list(split_path)
-        table["annotation_row"] = _annotation_rows(table, self.annotations(), split_path)
+        require_rows(len(table), split_path, f"{split} rows")
+        table["annotation_row"] = _annotation_rows(table, self.annotations(), split_path, root / ANNOTATIONS_FILE)
         return AVEDataset(
             str(root),
             table,

@@ -30,11 +30,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from avmoe.metrics.avqa import QUESTION_TYPES, qtype_index
 
+from .annotations import AnnotationError, read_annotation_text
+
 PAD = "<pad>"
 MAX_QUESTION_LEN = 14
 REQUIRED_KEYS = ("video_id", "question_id", "type", "question_content", "templ_values")
 DuplicatePolicy = Literal["keep", "first", "error"]
-_WARNED: set[str] = set()  # one duplicate-ID warning per file and process (prepare_data and setup both read)
+# One duplicate-ID warning per file version and process (prepare_data and setup both read the same file); a file
+# that changes (new size or mtime) warns again.
+_WARNED: set[tuple[str, int, int]] = set()
+INT64_MAX = 2**63 - 1
 
 
 def split_file(root: str | os.PathLike[str], folder: str, split: str) -> Path:
@@ -44,19 +49,20 @@ def split_file(root: str | os.PathLike[str], folder: str, split: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------- parsing
 
 
-def _json_list(value: Any, key: str, where: str) -> list[str]:
+def _json_list(value: Any, key: str, path: Path, row: int, note: str | None = None) -> list[str]:
     """A list of strings stored as a string holding a JSON (or Python) list, or as a real list."""
     parsed = value
     if isinstance(value, str):
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, too many digits, too deeply nested
             try:
                 parsed = ast.literal_eval(value)  # the official code parses with literal_eval
-            except (ValueError, SyntaxError):
-                raise ValueError(f"{where}: {key!r} is not a list stored as a string: {value!r}") from None
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                raise AnnotationError(path, f"{key!r} is not a list stored as a string: {value!r}", row,
+                                      "row", note) from None
     if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
-        raise ValueError(f"{where}: {key!r} must be a list of strings, got {value!r}")
+        raise AnnotationError(path, f"{key!r} must be a list of strings, got {value!r}", row, "row", note)
     return parsed
 
 
@@ -80,35 +86,43 @@ def tokenize_question(content: str, templ_values: list[str], where: str = "<ques
 
 
 def _parse_row(item: Any, path: Path, row: int) -> dict[str, Any]:
-    where = f"{path}, row {row}"
+    def bad(reason: str) -> AnnotationError:
+        qid = item.get("question_id") if isinstance(item, dict) else None
+        return AnnotationError(path, reason, row, "row", None if qid is None else f"question_id {qid!r}")
+
     if not isinstance(item, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        raise bad(f"expected a JSON object, got {type(item).__name__}")
     qid = item.get("question_id")
-    where = f"{where} (question_id {qid})" if qid is not None else where
     missing = [k for k in REQUIRED_KEYS if k not in item]
     answer_key = "anser" if "anser" in item else "answer" if "answer" in item else None
     if missing or answer_key is None:
         missing += [] if answer_key else ["anser"]
-        raise ValueError(f"{where}: missing key(s) {missing} (the release spells the answer key 'anser')")
+        raise bad(f"missing key(s) {missing} (the release spells the answer key 'anser')")
     if not isinstance(qid, int) or isinstance(qid, bool):
-        raise ValueError(f"{where}: question_id must be an integer, got {qid!r}")
+        raise bad(f"question_id must be an integer, got {qid!r}")
+    if not 0 <= qid <= INT64_MAX:
+        raise bad(f"question_id must lie in [0, 2**63 - 1] (stored as int64), got {qid}")
     video_id = item["video_id"]
     if not isinstance(video_id, str) or not video_id:
-        raise ValueError(f"{where}: video_id must be a non-empty string, got {video_id!r}")
-    qtype = _json_list(item["type"], "type", where)
+        raise bad(f"video_id must be a non-empty string, got {video_id!r}")
+    note = f"question_id {qid!r}"
+    qtype = _json_list(item["type"], "type", path, row, note)
     if len(qtype) != 2:
-        raise ValueError(f"{where}: 'type' must hold [modality, type], got {item['type']!r}")
-    templ = _json_list(item["templ_values"], "templ_values", where)
+        raise bad(f"'type' must hold [modality, type], got {item['type']!r}")
+    templ = _json_list(item["templ_values"], "templ_values", path, row, note)
     content, answer = item["question_content"], item[answer_key]
     if not isinstance(content, str) or not content.strip():
-        raise ValueError(f"{where}: empty or non-string question_content {content!r}")
+        raise bad(f"empty or non-string question_content {content!r}")
     if not isinstance(answer, str) or not answer:
-        raise ValueError(f"{where}: empty or non-string answer {answer!r}")
+        raise bad(f"empty or non-string answer {answer!r}")
     try:
         type_idx = qtype_index(*qtype)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    tokens = tokenize_question(content, templ, where)
+        raise bad(str(err)) from None
+    try:
+        tokens = tokenize_question(content, templ)
+    except ValueError as err:
+        raise bad(str(err).removeprefix("<question>: ")) from None
     return {
         "row": row,
         "video_id": video_id,
@@ -130,18 +144,25 @@ def read_avqa_json(path: str | os.PathLike[str]) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a JSON array, or a malformed row; the message names the file and the row.
+        AnnotationError: (a ``ValueError``) not UTF-8, not valid JSON, not a JSON array, or a malformed row
+            (missing keys, a ``question_id`` that is not an integer in int64 range, ...); the message names the
+            file and the 0-based row (for invalid JSON, the 1-based line).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MUSIC-AVQA annotation file not found: {path}")
-    with open(path, encoding="utf-8-sig") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+    text = read_annotation_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise AnnotationError(path, f"not valid JSON ({err.msg}, column {err.colno})", err.lineno) from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise AnnotationError(path, f"not valid JSON ({err})") from None
+    except RecursionError:
+        raise AnnotationError(path, "not valid JSON for this reader: nested too deeply (the release is an array "
+                              "of flat objects)") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of question objects, got {type(data).__name__}")
+        raise AnnotationError(path, f"expected a JSON array of question objects, got {type(data).__name__}")
     rows = [_parse_row(item, path, i) for i, item in enumerate(data)]
     frame = pd.DataFrame(rows, columns=["row", "video_id", "question_id", "qtype", "question_content", "tokens",
                                         "answer"])
@@ -158,16 +179,21 @@ def apply_duplicate_policy(table: pd.DataFrame, policy: DuplicatePolicy, path: P
     ids = sorted(set(table.loc[dup, "question_id"].tolist()))
     listing = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
     if policy == "error":
-        raise ValueError(f"{path}: {len(ids)} question_id(s) occur more than once ({listing}); "
-                         "use duplicate_question_ids=keep or first, or the json_update files")
+        raise AnnotationError(path, f"{len(ids)} question_id(s) occur more than once ({listing}); "
+                              "use duplicate_question_ids=keep or first, or the json_update files")
     if policy == "first":
         kept = table[~table["question_id"].duplicated(keep="first")].reset_index(drop=True)
         rank_zero_warn(f"{path}: dropped {len(table) - len(kept)} row(s) repeating a question_id ({listing})")
         return kept
     if policy != "keep":
         raise ValueError(f"duplicate_question_ids must be 'keep', 'first' or 'error', got {policy!r}")
-    if str(path) not in _WARNED:
-        _WARNED.add(str(path))
+    try:
+        stat = os.stat(path)
+        version = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        version = (str(path), -1, -1)
+    if version not in _WARNED:
+        _WARNED.add(version)
         rank_zero_warn(f"{path}: {len(ids)} question_id(s) occur more than once ({listing}); every row is kept "
                        "and evaluated (official behaviour). Samples are keyed by row, predictions list each row.")
     return table
@@ -198,15 +224,17 @@ class AVQAVocab:
         for i, (row, qid, tokens, answer) in enumerate(
             zip(table["row"], table["question_id"], table["tokens"], table["answer"])
         ):
-            where = f"{path}, row {row} (question_id {qid})"
+            def bad(reason: str) -> AnnotationError:
+                return AnnotationError(path, reason, int(row), "row", f"question_id {qid}")
+
             if len(tokens) > max_len:
-                raise ValueError(f"{where}: question has {len(tokens)} words, more than max_question_len={max_len}")
+                raise bad(f"question has {len(tokens)} words, more than max_question_len={max_len}")
             unknown = [w for w in tokens if w not in word_ix]
             if unknown:
-                raise ValueError(f"{where}: word(s) {unknown} are not in the question vocabulary "
-                                 f"({len(self.words)} words from the train file)")
+                raise bad(f"word(s) {unknown} are not in the question vocabulary "
+                          f"({len(self.words)} words from the train file)")
             if answer not in ans_ix:
-                raise ValueError(f"{where}: answer {answer!r} is not in the answer vocabulary {self.answers}")
+                raise bad(f"answer {answer!r} is not in the answer vocabulary {self.answers}")
             questions[i, : len(tokens)] = [word_ix[w] for w in tokens]
             answers[i] = ans_ix[answer]
         return questions, answers

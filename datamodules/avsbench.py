@@ -25,6 +25,9 @@ annotated frames (unannotated frames hold zeros and must be ignored).
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -34,6 +37,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from .annotations import AnnotationError, read_annotation_text, require_rows
 from .audio import LogMel, LogMelConfig
 from .base import AVDataModule, ClipDataset, DecodePolicy, resize_frames
 from .decoding import DecodeError, read_audio
@@ -75,42 +79,82 @@ def read_avsbench_csv(path: str | os.PathLike[str], setting: Setting) -> pd.Data
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: missing ``split`` / ``category`` column, or a row with an empty name / category or a split
-            other than train/val/test; the message names the file and the line.
+        AnnotationError: (a ``ValueError``) bytes that are not UTF-8, an empty file, a missing ``split`` /
+            ``category`` column, a row whose field count differs from the header's, an empty name / category,
+            an S4 category outside the 23 official ones, an S4 ``start_time`` that is not a number >= 0, or a
+            split other than train/val/test; the message names the file and the line.
     """
     _check_setting(setting)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"AVSBench annotation file not found: {path}")
+    text = read_annotation_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # the csv module handles \r\n and quotes
     try:
-        frame = pd.read_csv(path, sep=",", dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a readable CSV ({err})") from None
-    needed = ["split"] + (["category"] if setting == "s4" else [])
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; header is {list(frame.columns)}")
+        header = [h.strip() for h in next(reader, [])]
+        if not any(header):
+            raise AnnotationError(path, "empty file or empty header line: expected a header with the columns "
+                                  f"{_expected_columns(setting)}", 1)
+        needed = ["split"] + (["category"] if setting == "s4" else [])
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise AnnotationError(path, f"missing column(s) {missing}; header is {header}", 1)
+        rows = []
+        line = reader.line_num + 1
+        for fields in reader:
+            if fields and any(f.strip() for f in fields):
+                if len(fields) != len(header):
+                    raise AnnotationError(path, f"expected {len(header)} comma-separated fields ({', '.join(header)}),"
+                                          f" got {len(fields)}: {fields}", line)
+                rows.append([f.strip() for f in fields] + [line])
+            line = reader.line_num + 1
+    except csv.Error as err:
+        raise AnnotationError(path, f"not a readable CSV ({err})", reader.line_num) from None
+    frame = pd.DataFrame(rows, columns=[*header, "line"]) if rows else pd.DataFrame(columns=[*header, "line"])
     out = pd.DataFrame({
-        "video_id": frame.iloc[:, 0].str.strip(),
-        "category": frame["category"].str.strip() if setting == "s4" else "",
-        "split": frame["split"].str.strip(),
-        "line": np.arange(2, len(frame) + 2, dtype=np.int64),
+        "video_id": frame.iloc[:, 0].astype(str),
+        "category": frame.iloc[:, header.index("category")].astype(str) if setting == "s4" else "",
+        "split": frame.iloc[:, header.index("split")].astype(str),
+        "line": frame["line"].to_numpy(dtype=np.int64),
     })
     _validate_rows(out, path, setting)
+    if setting == "s4" and "start_time" in header:
+        _check_start_times(frame.iloc[:, header.index("start_time")].tolist(), out["line"].tolist(), path)
     return out
+
+
+def _expected_columns(setting: str) -> str:
+    return "video_name, start_time, category, split" if setting == "s4" else "video_name, split"
+
+
+def _check_start_times(values: list[str], lines: list[int], path: Path) -> None:
+    """S4 ``start_time`` (the clip's offset in its source video; unused here): a number >= 0 or the row is wrong."""
+    for value, line in zip(values, lines):
+        try:
+            ok = math.isfinite(float(value)) and float(value) >= 0 and value.strip() == value and "_" not in value
+        except ValueError:
+            ok = False
+        if not ok:
+            raise AnnotationError(path, f"start_time must be a number of seconds >= 0, got {value!r}", line)
 
 
 def _validate_rows(table: pd.DataFrame, path: Path, setting: str) -> None:
     bad_split = ~table["split"].isin(SPLIT_VALUES)
     if bad_split.any():
         row = table[bad_split].iloc[0]
-        raise ValueError(f"{path}, line {row['line']}: split must be one of {SPLIT_VALUES}, got {row['split']!r}")
+        raise AnnotationError(path, f"split must be one of {SPLIT_VALUES}, got {row['split']!r}", int(row["line"]))
     empty = table["video_id"] == ""
     if setting == "s4":
         empty |= table["category"] == ""
     if empty.any():
         row = table[empty].iloc[0]
-        raise ValueError(f"{path}, line {row['line']}: empty video name or category")
+        raise AnnotationError(path, "empty video name or category", int(row["line"]))
+    if setting == "s4":
+        unknown = ~table["category"].isin(S4_CATEGORIES)
+        if unknown.any():
+            row = table[unknown].iloc[0]
+            raise AnnotationError(path, f"unknown S4 category {row['category']!r} (not one of the 23 official "
+                                  "categories; it names the frame, audio and mask folders)", int(row["line"]))
 
 
 def read_png_rgb(path: Path) -> np.ndarray:
@@ -312,6 +356,7 @@ class AVSBenchDataModule(AVDataModule):
     def build_dataset(self, split: str) -> Dataset:
         rows = self.table()
         rows = rows[rows["split"] == split].reset_index(drop=True)
+        require_rows(len(rows), self._check_layout() / meta_csv_name(self.setting), f"rows with split {split!r}")
         return AVSBenchDataset(
             str(self._check_layout()),
             self.setting,

@@ -20,8 +20,10 @@ treats them, counted in :attr:`LLPDataModule.quirks` and warned about once (with
 - ``labels_not_in_weak``: eval rows whose class is not among the video's weak labels: kept as ground truth;
 - ``videos_without_rows``: val/test videos without any row of a modality: all-zero ground truth.
 
-Malformed rows (wrong header or field count, unknown class, non-integer or out-of-range times, a filename shorter
-than an 11-character ID) raise ``ValueError`` naming the file and the 1-based line.
+Malformed files (bytes that are not UTF-8, an empty file, wrong header or field count, unknown class, times that
+are not whole seconds in [0, 10], a filename shorter than an 11-character ID, a split or eval CSV without data
+rows) raise :class:`~avmoe.datamodules.annotations.AnnotationError` (a ``ValueError``) naming the file and the
+1-based line.
 
 Frame rule: one frame per segment at its centre, ``t + 0.5`` s (the official AVMoE loader reads 10 frames
 extracted at 1 fps).
@@ -30,6 +32,7 @@ extracted at 1 fps).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
+from .annotations import AnnotationError, read_annotation_text, require_rows
 from .audio import LogMel, LogMelConfig
 from .base import AVDataModule, ClipDataset, DecodePolicy, resize_frames
 from .decoding import DecodeError, VideoBackend, read_audio, read_frames
@@ -86,6 +90,7 @@ EVAL_HEADER = ("filename", "onset", "offset", "event_labels")
 AudioSource = Literal["auto", "video", "wav"]
 _CLASS_INDEX = {name: i for i, name in enumerate(LLP_CATEGORIES)}
 _EXAMPLES = 5
+_SECONDS = re.compile(r"[0-9]{1,2}")  # ASCII digits only: int() would also take "1_0", " 3" or other scripts' digits
 
 
 def llp_video_id(filename: str) -> str:
@@ -100,34 +105,33 @@ def _tsv_rows(path: Path, header: tuple[str, ...]) -> Iterator[tuple[int, list[s
     """(1-based line, fields) of every non-empty data row; checks the header and the field count."""
     if not path.is_file():
         raise FileNotFoundError(f"LLP annotation file not found: {path}")
-    with open(path, encoding="utf-8-sig") as handle:  # utf-8-sig: tolerate a BOM
-        for line_no, raw in enumerate(handle, start=1):
-            line = raw.rstrip("\r\n")
-            fields = [f.strip() for f in line.split("\t")]
-            if line_no == 1:
-                if tuple(fields) != header:
-                    raise ValueError(
-                        f"{path}, line 1: expected the TAB-separated header {chr(9).join(header)!r}, got {line!r}"
-                    )
-                continue
-            if not line.strip():
-                continue
-            if len(fields) != len(header):
-                raise ValueError(
-                    f"{path}, line {line_no}: expected {len(header)} TAB-separated fields "
-                    f"({', '.join(header)}), got {len(fields)}: {line!r}"
-                )
-            yield line_no, fields
+    lines = read_annotation_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if not lines[0].strip():
+        raise AnnotationError(path, f"empty file or empty first line: expected the TAB-separated header "
+                              f"{chr(9).join(header)!r}", 1)
+    for line_no, line in enumerate(lines, start=1):
+        fields = [f.strip() for f in line.split("\t")]
+        if line_no == 1:
+            if tuple(fields) != header:
+                raise AnnotationError(path, f"expected the TAB-separated header {chr(9).join(header)!r}, "
+                                      f"got {line!r}", 1)
+            continue
+        if not line.strip():
+            continue
+        if len(fields) != len(header):
+            raise AnnotationError(path, f"expected {len(header)} TAB-separated fields ({', '.join(header)}), "
+                                  f"got {len(fields)}: {line!r}", line_no)
+        yield line_no, fields
 
 
-def _check_filename(name: str, where: str) -> None:
+def _check_filename(name: str, path: Path, line_no: int) -> None:
     if len(name) < ID_LENGTH:
-        raise ValueError(f"{where}: filename {name!r} is shorter than an {ID_LENGTH}-character video ID")
+        raise AnnotationError(path, f"filename {name!r} is shorter than an {ID_LENGTH}-character video ID", line_no)
 
 
-def _class_index(label: str, where: str) -> int:
+def _class_index(label: str, path: Path, line_no: int) -> int:
     if label not in _CLASS_INDEX:
-        raise ValueError(f"{where}: unknown event label {label!r} (not one of the 25 LLP classes)")
+        raise AnnotationError(path, f"unknown event label {label!r} (not one of the 25 LLP classes)", line_no)
     return _CLASS_INDEX[label]
 
 
@@ -140,19 +144,18 @@ def read_weak_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a malformed row; the message names the file and the line.
+        AnnotationError: not UTF-8, no header, or a malformed row; the message names the file and the line.
     """
     path = Path(path)
     rows = []
     for line_no, (filename, labels) in _tsv_rows(path, WEAK_HEADER):
-        where = f"{path}, line {line_no}"
-        _check_filename(filename, where)
+        _check_filename(filename, path, line_no)
         names = [x.strip() for x in labels.split(",")]
         if not labels or any(not x for x in names):
-            raise ValueError(f"{where}: empty event label in {labels!r}")
+            raise AnnotationError(path, f"empty event label in {labels!r}", line_no)
         mask = 0
         for name in names:
-            mask |= 1 << _class_index(name, where)
+            mask |= 1 << _class_index(name, path, line_no)
         rows.append((filename, llp_video_id(filename), mask, line_no))
     frame = pd.DataFrame(rows, columns=["filename", "video_id", "label_mask", "line"])
     return frame.astype({"label_mask": np.int64, "line": np.int64})
@@ -167,24 +170,24 @@ def read_eval_annotations(path: str | os.PathLike[str]) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a malformed row (times not integers in [0, 10], unknown or several labels); the message
-            names the file and the line.
+        AnnotationError: not UTF-8, no header, or a malformed row (times not whole seconds in [0, 10], unknown
+            or several labels); the message names the file and the line.
     """
     path = Path(path)
     rows = []
     for line_no, (filename, onset_s, offset_s, label) in _tsv_rows(path, EVAL_HEADER):
-        where = f"{path}, line {line_no}"
         if not filename:
-            raise ValueError(f"{where}: empty filename")
-        try:
-            onset, offset = int(onset_s), int(offset_s)
-        except ValueError:
-            raise ValueError(f"{where}: onset/offset must be integer seconds, got {onset_s!r}/{offset_s!r}") from None
+            raise AnnotationError(path, "empty filename", line_no)
+        if not (_SECONDS.fullmatch(onset_s) and _SECONDS.fullmatch(offset_s)):
+            raise AnnotationError(path, f"onset/offset must be integer seconds (ASCII digits), "
+                                  f"got {onset_s!r}/{offset_s!r}", line_no)
+        onset, offset = int(onset_s), int(offset_s)
         if not (0 <= onset <= NUM_SEGMENTS and 0 <= offset <= NUM_SEGMENTS):
-            raise ValueError(f"{where}: onset/offset must lie in [0, {NUM_SEGMENTS}], got {onset}/{offset}")
+            raise AnnotationError(path, f"onset/offset must lie in [0, {NUM_SEGMENTS}], got {onset}/{offset}",
+                                  line_no)
         if "," in label:
-            raise ValueError(f"{where}: eval rows carry exactly one event label, got {label!r}")
-        rows.append((filename, onset, offset, _class_index(label, where), line_no))
+            raise AnnotationError(path, f"eval rows carry exactly one event label, got {label!r}", line_no)
+        rows.append((filename, onset, offset, _class_index(label, path, line_no), line_no))
     frame = pd.DataFrame(rows, columns=["filename", "onset", "offset", "class_index", "line"])
     return frame.astype({"onset": np.int64, "offset": np.int64, "class_index": np.int64, "line": np.int64})
 
@@ -323,7 +326,12 @@ class LLPDataset(ClipDataset):
         path = self.st_feature_dir / f"{self.video_ids[index]}.npy"
         if not path.is_file():
             raise DecodeError(path, "spatio-temporal feature file is missing")
-        feats = np.load(path)
+        try:
+            feats = np.load(path)  # allow_pickle=False (numpy's default): a feature file cannot run code
+        except (OSError, ValueError, EOFError) as err:  # truncated, not .npy, or a pickled object array
+            raise DecodeError(path, f"cannot read the spatio-temporal features ({type(err).__name__}: {err})") from err
+        if not isinstance(feats, np.ndarray) or feats.dtype.kind not in "fiu":
+            raise DecodeError(path, f"expected a numeric .npy array, got {getattr(feats, 'dtype', type(feats))}")
         if feats.ndim != 2 or feats.shape[0] != NUM_SEGMENTS:
             raise DecodeError(path, f"expected ({NUM_SEGMENTS}, D) features, got shape {feats.shape}")
         return torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
@@ -398,6 +406,8 @@ class LLPDataModule(AVDataModule):
         if self._eval is None:
             root = self._check_layout()
             self._eval = {m: read_eval_annotations(root / name) for m, name in EVAL_FILES.items()}
+            for modality, name in EVAL_FILES.items():
+                require_rows(len(self._eval[modality]), root / name, f"{modality} event rows")
             splits = {s: read_weak_labels(root / SPLIT_FILES[s]) for s in ("val", "test")}
             report = QuirkReport()
             for modality, rows in self._eval.items():  # keys are per modality: plain merge
@@ -420,6 +430,7 @@ class LLPDataModule(AVDataModule):
     def build_dataset(self, split: str) -> Dataset:
         root = self._check_layout()
         table = read_weak_labels(root / SPLIT_FILES[split])
+        require_rows(len(table), root / SPLIT_FILES[split], f"{split} videos")
         gt_audio = gt_visual = None
         if split != "train":
             rows = self.eval_annotations()

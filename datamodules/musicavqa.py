@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 from avmoe.metrics.avqa import QUESTION_TYPES
 
 from .audio import LogMel, LogMelConfig
+from .annotations import AnnotationError, require_rows
 from .avqa_annotations import (
     MAX_QUESTION_LEN,
     PAD,
@@ -412,7 +413,14 @@ class MusicAVQADataModule(AVDataModule):
 
     def build_dataset(self, split: str) -> Dataset:
         table = self.read_split(split)
-        questions, answers = self.vocab.encode(table, self.split_path(split), self.max_question_len)
+        path = self.split_path(split)
+        require_rows(len(table), path, f"{split} questions")
+        negatives = self.negatives and split == "train"
+        if negatives and table["video_id"].nunique() < 2:
+            raise AnnotationError(path, f"negatives=True needs questions on at least two distinct videos, got "
+                                  f"{table['video_id'].nunique()} (set negatives: false to train without the match "
+                                  "loss's negative frames)")
+        questions, answers = self.vocab.encode(table, path, self.max_question_len)
         texts = [" ".join(tokens) for tokens in table["tokens"]]
         return MusicAVQADataset(
             questions=questions,
@@ -422,7 +430,7 @@ class MusicAVQADataModule(AVDataModule):
             video_ids=table["video_id"].to_numpy(dtype=np.str_),
             texts=np.asarray(texts, dtype=np.str_),
             clips=self.clip_store(),
-            negatives=self.negatives and split == "train",
+            negatives=negatives,
             negative_videos=self.negative_videos,
             on_decode_error=self.on_decode_error,
         )
