@@ -100,10 +100,16 @@ def read_ave_list(path: str | os.PathLike[str]) -> pd.DataFrame:
         if not line or (line_no == 1 and line == AVE_HEADER):
             continue
         rows.append((*_parse_row(line, path, line_no), line_no))
-    frame = pd.DataFrame(rows, columns=[*_COLUMNS, "class_index", "line"])
-    for col in ("start", "end", "class_index", "line"):
-        frame[col] = frame[col].astype(np.int64)
-    return frame
+    return _frame(rows, [*_COLUMNS, "class_index", "line"], ints=("start", "end", "class_index", "line"))
+
+
+def _frame(rows: list[tuple[Any, ...]], columns: list[str], ints: tuple[str, ...]) -> pd.DataFrame:
+    """Rows -> DataFrame with int64 ``ints`` columns and object (str) others, built column-wise (fast)."""
+    cols = list(zip(*rows)) if rows else [()] * len(columns)
+    return pd.DataFrame({
+        name: np.asarray(col, dtype=np.int64) if name in ints else pd.Series(list(col), dtype=object)
+        for name, col in zip(columns, cols)
+    })
 
 
 def _parse_row(line: str, path: Path, line_no: int) -> tuple[Any, ...]:
@@ -141,27 +147,24 @@ def _annotation_rows(split: pd.DataFrame, annotations: pd.DataFrame, split_path:
     without its own copy there is an :class:`AnnotationError` (a repeated row says so, naming the first copy).
     """
     key = ["category", "video_id", "start", "end"]
-    ann = annotations[key].copy()
-    ann["row"] = np.arange(len(ann))
-    # Number repeated identical rows so that the k-th occurrence in a split maps to the k-th one.
-    ann["dup"] = ann.groupby(key).cumcount()
-    left = split[key].copy()
-    left["dup"] = left.groupby(key).cumcount()
-    merged = left.merge(ann, on=[*key, "dup"], how="left")
-    missing = merged["row"].isna().to_numpy()
-    if missing.any():
-        first = int(np.flatnonzero(missing)[0])
-        line = int(split["line"].to_numpy()[first])
-        same = (split[key] == split[key].iloc[first]).all(axis=1).to_numpy()
-        held = int((ann[key] == split[key].iloc[first]).all(axis=1).sum())
-        if held:
-            earlier = int(split["line"].to_numpy()[np.flatnonzero(same)[0]])
-            raise AnnotationError(split_path, f"this row repeats line {earlier} of the split file "
-                                  f"({int(same[: first + 1].sum())} copies so far), but {annotations_path} holds "
-                                  f"{held} copy(ies) of it: remove the repeated row", line)
-        raise AnnotationError(split_path, f"row not found in {annotations_path} (no row there has this "
-                              "Category, VideoID, StartTime and EndTime)", line)
-    return merged["row"].to_numpy(dtype=np.int64)
+    rows_of: dict[tuple[Any, ...], list[int]] = {}
+    for row, values in enumerate(zip(*(annotations[c].tolist() for c in key))):
+        rows_of.setdefault(values, []).append(row)
+    seen: dict[tuple[Any, ...], list[int]] = {}  # split lines of each key so far
+    out = np.empty(len(split), dtype=np.int64)
+    for i, (values, line) in enumerate(zip(zip(*(split[c].tolist() for c in key)), split["line"].tolist())):
+        lines = seen.setdefault(values, [])
+        lines.append(int(line))
+        held = rows_of.get(values, [])
+        if len(lines) > len(held):
+            if held:
+                raise AnnotationError(split_path, f"this row repeats line {lines[0]} of the split file "
+                                      f"({len(lines)} copies so far), but {annotations_path} holds {len(held)} "
+                                      "copy(ies) of it: remove the repeated row", int(line))
+            raise AnnotationError(split_path, f"row not found in {annotations_path} (no row there has this "
+                                  "Category, VideoID, StartTime and EndTime)", int(line))
+        out[i] = held[len(lines) - 1]
+    return out
 
 
 class AVEDataset(ClipDataset):
