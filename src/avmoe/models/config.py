@@ -49,7 +49,12 @@ class AudioEncoderConfig:
     pretrained: Optional[str] = None
     """Local folder saved by ``ClapAudioModel.save_pretrained`` (or a ``ClapModel`` folder: the audio tower is taken)."""
     htsat_checkpoint: Optional[str] = None
-    """Original HTS-AT AudioSet checkpoint (``HTSAT_AudioSet_Saved_1.ckpt``, ``sed_model.*`` keys): converted on load."""
+    """Original HTS-AT AudioSet checkpoint (``HTSAT_AudioSet_Saved_1.ckpt``, ``sed_model.*`` keys): converted on load.
+    Read with ``torch.load(weights_only=True)``: a file that needs more than tensors is refused (see
+    ``trust_checkpoint``)."""
+    trust_checkpoint: bool = False
+    """Unpickle ``htsat_checkpoint`` in full (``weights_only=False``), with a warning. A crafted pickle runs code:
+    only for a file from a source you trust, and only if the safe load refused it."""
     num_mel_bins: int = 64
     """Mel bins of the input log-mel spectrogram (must equal the data's ``audio.n_mels``)."""
     spec_size: int = 256

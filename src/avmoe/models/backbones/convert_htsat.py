@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 import re
 
-import torch
 from torch import Tensor, nn
+
+from avmoe.files import load_checkpoint_safely
 
 PREFIX = "sed_model."
 TARGET = "audio_encoder."
@@ -72,15 +73,24 @@ def convert_htsat_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_htsat_checkpoint(path: str | os.PathLike, model: nn.Module) -> None:
+TRUST_OPT_IN = "--model.init_args.backbone.audio.trust_checkpoint true (AudioEncoderConfig.trust_checkpoint)"
+
+
+def load_htsat_checkpoint(path: str | os.PathLike, model: nn.Module, trust: bool = False) -> None:
     """Load ``HTSAT_AudioSet_Saved_*.ckpt`` (a dict with ``state_dict``) into a ``ClapAudioModel``, strictly.
 
-    Raises ``FileNotFoundError`` for a missing file and ``RuntimeError`` listing missing/unexpected keys when the
+    The file is unpickled with :func:`avmoe.files.load_checkpoint_safely`: tensors and plain containers only (a
+    PyTorch Lightning checkpoint of the original RetroCirce/HTS-Audio-Transformer training, saved with
+    ``pytorch_lightning==1.5.9`` per its ``requirements.txt``, keeps its state dict, optimizer and scheduler
+    states and callback states in such types); ``trust=True`` allows full pickle, with a warning.
+
+    Raises ``FileNotFoundError`` for a missing file, :class:`avmoe.files.UnsafeCheckpointError` for a file that
+    needs more than tensors (without ``trust``), and ``RuntimeError`` listing missing/unexpected keys when the
     checkpoint does not match the model's architecture.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"HTS-AT checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold more than tensors
+    ckpt = load_checkpoint_safely(path, trust=trust, opt_in=TRUST_OPT_IN)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise RuntimeError(f"{path}: expected a dict with a 'state_dict' entry, got {type(ckpt).__name__}")

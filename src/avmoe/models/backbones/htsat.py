@@ -59,7 +59,7 @@ def build_htsat(cfg: AudioEncoderConfig) -> ClapAudioModel:
         from .convert_htsat import load_htsat_checkpoint  # local import: keeps the converter optional
 
         model = ClapAudioModel(clap_audio_config(cfg))
-        load_htsat_checkpoint(cfg.htsat_checkpoint, model)
+        load_htsat_checkpoint(cfg.htsat_checkpoint, model, trust=cfg.trust_checkpoint)
     else:
         warnings.warn(
             "AudioEncoderConfig.pretrained and .htsat_checkpoint are None: the HTS-AT audio encoder has RANDOM "
