@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from jsonargparse import Namespace, set_docstring_parse_options
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
@@ -372,7 +372,7 @@ def cli_main(args: ArgsType = None) -> None:
     # the source of every config class (about a second per start), so only when help is asked for.
     wants_help = isinstance(argv, (list, tuple)) and any(
         str(a) in HELP_FLAGS or str(a).split("=")[0].endswith(".help") for a in argv)  # also --model.help X
-    set_docstring_parse_options(attribute_docstrings=wants_help)
+    set_parsing_settings(docstring_parse_attribute_docstrings=wants_help)  # jsonargparse >= 4.39
     quiet_known_warnings()
     try:
         AVMoECLI(
