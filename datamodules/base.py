@@ -27,6 +27,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from avmoe._private_api import uses_distributed_sampler
+
 from .audio import SAMPLE_INDEX, LogMelConfig
 from .batch import AUDIO_MASK, INDEX, SKIPPED, VISUAL_MASK, SkippedSample, collate
 from .decoding import DecodeError, VideoBackend
@@ -273,7 +275,7 @@ class AVDataModule(LightningDataModule, ABC):
         trainer = self.trainer
         if trainer is None or trainer.world_size <= 1:
             return 1, 0
-        if not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+        if not uses_distributed_sampler(trainer):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 

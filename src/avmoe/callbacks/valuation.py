@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from avmoe._private_api import drop_cached_train_loader
 from avmoe.callbacks._distributed import all_gather_rows, dedup_by_index, is_distributed, mix_seed, rank, world_size
 from avmoe.callbacks.ogm import _forward_context, check_contract, eval_mode
 from avmoe.datamodules.batch import INDEX, SKIPPED, batch_size, collate
@@ -282,14 +283,8 @@ def _request_train_reload(trainer: Trainer) -> None:
     ``reload_dataloaders_every_n_epochs``; dropping the cached loader is the only public-behaviour way to get a
     one-off rebuild. Every rank does this at the same point (setup_data runs collectives).
     """
-    fit_loop = trainer.fit_loop
     if trainer.reload_dataloaders_every_n_epochs == 1:
         return
-    if not hasattr(fit_loop, "_combined_loader"):
+    if not drop_cached_train_loader(trainer.fit_loop):  # private FitLoop state: see avmoe._private_api
         rank_zero_warn("ModalityValuation: cannot force a train-loader reload on this Lightning version; set "
                        "Trainer(reload_dataloaders_every_n_epochs=1) so the re-sampled plan is used")
-        return
-    if getattr(fit_loop, "_data_fetcher", None) is not None:
-        fit_loop._data_fetcher.teardown()
-        fit_loop._data_fetcher = None
-    fit_loop._combined_loader = None

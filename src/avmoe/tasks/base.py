@@ -24,7 +24,8 @@ head exists).
 
 from __future__ import annotations
 
-from abc import abstractmethod
+import copy
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -122,9 +123,13 @@ class StepRecord:
 
 
 def as_config(cls: type[C], value: Any) -> C:
-    """Accept a dataclass instance or a (nested) dict, e.g. from ``load_from_checkpoint`` hyper-parameters."""
+    """Accept a dataclass instance or a (nested) dict, e.g. from ``load_from_checkpoint`` hyper-parameters.
+
+    Always a fresh object: the instances in ``__init__`` signatures are evaluated once, so two modules built with
+    the defaults would otherwise share (and mutate) one config object.
+    """
     if isinstance(value, cls):
-        return value
+        return copy.deepcopy(value)
     if value is None:
         return cls()
     kwargs = {}
@@ -132,7 +137,8 @@ def as_config(cls: type[C], value: Any) -> C:
         if f.name in value:
             v = value[f.name]
             sub = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
-            kwargs[f.name] = as_config(type(sub), v) if is_dataclass(sub) and isinstance(v, dict) else v
+            nested = is_dataclass(sub) and isinstance(v, dict)
+            kwargs[f.name] = as_config(type(sub), v) if nested else copy.deepcopy(v)
     return cls(**kwargs)
 
 
@@ -147,7 +153,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-class AVTask(LightningModule):
+class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: ABCMeta enforces the abstract methods
     """Backbone + task head + losses + metrics. Not used directly: pick a task class in the config."""
 
     monitor: str = "val/loss"

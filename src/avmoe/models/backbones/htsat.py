@@ -23,7 +23,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 from transformers import ClapAudioConfig, ClapAudioModel, ClapModel
-from transformers.models.clap.modeling_clap import ClapAudioLayer, ClapAudioStage
+
+from avmoe._private_api import ClapAudioLayer, ClapAudioStage  # transformers internals: see there
 
 from ..config import AudioEncoderConfig
 

@@ -13,7 +13,8 @@ import warnings
 import torch
 from torch import Tensor
 from transformers import Swinv2Config, Swinv2Model
-from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer, Swinv2Stage, window_partition, window_reverse
+
+from avmoe._private_api import Swinv2Layer, Swinv2Stage, window_partition, window_reverse  # internals: see there
 
 from ..config import VisualEncoderConfig
 

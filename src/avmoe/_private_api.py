@@ -1,0 +1,90 @@
+"""Every private or internal Lightning / transformers API avmoe relies on, in one place, with the reason.
+
+Nothing public does these jobs; each entry says why. ``tests/test_private_api.py`` checks each one against the
+installed versions (names, signatures, behaviour) and fails with a message naming what changed, so a new
+transformers or Lightning release breaks loudly there instead of silently shifting numbers. The versions tested
+are the ``transformers`` / ``lightning`` ranges pinned in ``setup.cfg``.
+
+This module imports neither Lightning nor transformers at import time (model code must not import Lightning;
+data code should not pay for transformers): the transformers names are resolved on first use (PEP 562
+``__getattr__``) and the Lightning helpers only touch attributes of objects they are given.
+
+transformers (``models/backbones/swin.py``, ``models/backbones/htsat.py``):
+
+- ``Swinv2Layer``, ``Swinv2Stage`` (``transformers.models.swinv2.modeling_swinv2``) and ``ClapAudioLayer``,
+  ``ClapAudioStage`` (``transformers.models.clap.modeling_clap``): the per-block and per-stage modules. AVMoE
+  interleaves adapters between the blocks of two encoders, so it must run blocks one at a time; the library exposes
+  only whole-model forwards.
+- ``window_partition`` / ``window_reverse`` (``modeling_swinv2``) and the ``Swinv2Layer`` methods ``maybe_pad`` and
+  ``get_attn_mask``: the first half of a Swin-V2 block is re-stepped (attention without the MLP) so an adapter can
+  sit between the two halves; calling the library's own helpers keeps the result bit-identical to
+  ``Swinv2Layer.forward``.
+
+Lightning (helpers below):
+
+- ``uses_distributed_sampler`` reads ``Trainer._accelerator_connector.use_distributed_sampler``
+  (``datamodules/base.py``);
+- ``drop_cached_train_loader`` clears ``FitLoop._combined_loader`` / ``_data_fetcher``
+  (``callbacks/valuation.py``);
+- ``LightningCLI._instantiate_trainer`` is overridden (not imported) in ``avmoe/cli.py``: the only hook that sees
+  the configured callbacks before the Trainer exists, to add the run-folder callbacks without duplicating those the
+  user configured.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> (module, reason): the transformers internals, imported on first use.
+TRANSFORMERS_INTERNALS: dict[str, tuple[str, str]] = {
+    "Swinv2Layer": ("transformers.models.swinv2.modeling_swinv2", "one Swin-V2 block, stepped between adapters"),
+    "Swinv2Stage": ("transformers.models.swinv2.modeling_swinv2", "a Swin-V2 stage (its blocks + downsample)"),
+    "window_partition": ("transformers.models.swinv2.modeling_swinv2", "the half-block re-step, bit-identical"),
+    "window_reverse": ("transformers.models.swinv2.modeling_swinv2", "the half-block re-step, bit-identical"),
+    "ClapAudioLayer": ("transformers.models.clap.modeling_clap", "one HTS-AT block, stepped between adapters"),
+    "ClapAudioStage": ("transformers.models.clap.modeling_clap", "an HTS-AT stage (its blocks + downsample)"),
+}
+# Methods and attributes of those classes the backbone calls (checked by tests/test_private_api.py).
+SWINV2_LAYER_MEMBERS = ("maybe_pad", "get_attn_mask", "window_size", "shift_size", "attention", "layernorm_before",
+                        "layernorm_after", "drop_path", "intermediate", "output")
+CLAP_AUDIO_ENCODER_MEMBERS = ("batch_norm", "reshape_mel2img", "patch_embed", "input_resolutions", "layers", "norm")
+
+__all__ = ["SWINV2_LAYER_MEMBERS", "CLAP_AUDIO_ENCODER_MEMBERS", "TRANSFORMERS_INTERNALS", "drop_cached_train_loader",
+           "uses_distributed_sampler", *TRANSFORMERS_INTERNALS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in TRANSFORMERS_INTERNALS:
+        module, _ = TRANSFORMERS_INTERNALS[name]
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # resolved once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------- Lightning
+def uses_distributed_sampler(trainer: Any) -> bool:
+    """``Trainer(use_distributed_sampler=...)`` as given by the user (default True).
+
+    Private: ``trainer._accelerator_connector.use_distributed_sampler``. Lightning 2.6 stores the flag only there;
+    the DataModules shard with their own resumable sampler and must not shard when the user turned Lightning's off.
+    """
+    return bool(getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True))
+
+
+def drop_cached_train_loader(fit_loop: Any) -> bool:
+    """Make ``fit_loop`` rebuild the train DataLoader at the next epoch start; False when this Lightning has no
+    such cache (the caller then asks for ``reload_dataloaders_every_n_epochs=1``).
+
+    Private: ``FitLoop._combined_loader`` and ``FitLoop._data_fetcher``. Lightning 2.6 rebuilds the loader in
+    ``FitLoop.setup_data`` only when it holds none (or every n epochs with ``reload_dataloaders_every_n_epochs``);
+    dropping the cached one is the only way to get a one-off rebuild (a re-sampled train plan).
+    """
+    if not hasattr(fit_loop, "_combined_loader"):
+        return False
+    if getattr(fit_loop, "_data_fetcher", None) is not None:
+        fit_loop._data_fetcher.teardown()
+        fit_loop._data_fetcher = None
+    fit_loop._combined_loader = None
+    return True
