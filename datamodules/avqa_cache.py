@@ -42,6 +42,11 @@ CACHE_FORMAT = 1
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
+def is_cache_safe_id(video_id: str) -> bool:
+    """Whether ``video_id`` can name a cache file (letters, digits, ``_ . -``; not starting with ``.``)."""
+    return bool(_SAFE_ID.fullmatch(video_id)) and not video_id.startswith(".")  # fullmatch: no trailing \n
+
+
 class ClipDecoder(Protocol):
     """What the cache needs from a decoder (see ``avmoe.datamodules.musicavqa.AVQAClipDecoder``)."""
 
@@ -113,7 +118,7 @@ class ClipCache:
         self._ready = True
 
     def paths(self, video_id: str) -> tuple[Path, Path]:
-        if not _SAFE_ID.match(video_id) or video_id.startswith("."):
+        if not is_cache_safe_id(video_id):
             raise ValueError(f"video_id {video_id!r} cannot name a cache file (allowed: letters, digits, _ . -)")
         return self.directory / f"{video_id}.frames.npy", self.directory / f"{video_id}.audio.npy"
 

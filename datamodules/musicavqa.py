@@ -56,7 +56,7 @@ from .avqa_annotations import (
     split_file,
     tokenize_question,
 )
-from .avqa_cache import ClipStore
+from .avqa_cache import ClipStore, is_cache_safe_id
 from .base import SPLITS, AVDataModule, ClipDataset, DecodePolicy, resize_frames
 from .decoding import DecodeError, VideoBackend, read_audio, read_frames
 
@@ -420,6 +420,11 @@ class MusicAVQADataModule(AVDataModule):
             raise AnnotationError(path, f"negatives=True needs questions on at least two distinct videos, got "
                                   f"{table['video_id'].nunique()} (set negatives: false to train without the match "
                                   "loss's negative frames)")
+        if self.cache_dir:
+            unsafe = [(row, vid) for row, vid in zip(table["row"], table["video_id"]) if not is_cache_safe_id(vid)]
+            if unsafe:
+                raise AnnotationError(path, f"video_id {unsafe[0][1]!r} cannot name a cache file (allowed: letters, "
+                                      "digits, _ . -; not starting with '.')", int(unsafe[0][0]), "row")
         questions, answers = self.vocab.encode(table, path, self.max_question_len)
         texts = [" ".join(tokens) for tokens in table["tokens"]]
         return MusicAVQADataset(

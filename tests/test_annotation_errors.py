@@ -262,3 +262,11 @@ def test_annotation_error_pickles() -> None:
     err = AnnotationError("/x/a.csv", "bad", 3, "row", "question_id 7")
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err) == "/x/a.csv, row 3 (question_id 7): bad" and isinstance(again, ValueError)
+
+
+@pytest.mark.parametrize("video", ["../00000001", ".hidden", "00000001\n"])
+def test_video_id_that_cannot_name_a_cache_file(tmp_path: Path, video: str) -> None:
+    root = avqa_root(tmp_path, train=[avqa_item(1, "00000002"), avqa_item(2, video, "no")])
+    path = root / "json_update" / "avqa-train.json"
+    with raises_naming(path, "cannot name a cache file", line=1):
+        MusicAVQADataModule(str(root), cache_dir=str(tmp_path / "cache")).build_dataset("train")
