@@ -99,27 +99,29 @@ def read_avsbench_csv(path: str | os.PathLike[str], setting: Setting) -> pd.Data
         missing = [c for c in needed if c not in header]
         if missing:
             raise AnnotationError(path, f"missing column(s) {missing}; header is {header}", 1)
-        rows = []
+        rows, lines = [], []
         line = reader.line_num + 1
         for fields in reader:
             if fields and any(f.strip() for f in fields):
                 if len(fields) != len(header):
                     raise AnnotationError(path, f"expected {len(header)} comma-separated fields ({', '.join(header)}),"
                                           f" got {len(fields)}: {fields}", line)
-                rows.append([f.strip() for f in fields] + [line])
+                rows.append([f.strip() for f in fields])
+                lines.append(line)
             line = reader.line_num + 1
     except csv.Error as err:
         raise AnnotationError(path, f"not a readable CSV ({err})", reader.line_num) from None
-    frame = pd.DataFrame(rows, columns=[*header, "line"]) if rows else pd.DataFrame(columns=[*header, "line"])
+    columns = list(zip(*rows)) if rows else [()] * len(header)  # by position: header names may repeat
     out = pd.DataFrame({
-        "video_id": frame.iloc[:, 0].astype(str),
-        "category": frame.iloc[:, header.index("category")].astype(str) if setting == "s4" else "",
-        "split": frame.iloc[:, header.index("split")].astype(str),
-        "line": frame["line"].to_numpy(dtype=np.int64),
+        "video_id": pd.Series(columns[0], dtype=object),
+        "category": pd.Series(columns[header.index("category")] if setting == "s4" else [""] * len(rows),
+                              dtype=object),
+        "split": pd.Series(columns[header.index("split")], dtype=object),
+        "line": np.asarray(lines, dtype=np.int64),
     })
     _validate_rows(out, path, setting)
     if setting == "s4" and "start_time" in header:
-        _check_start_times(frame.iloc[:, header.index("start_time")].tolist(), out["line"].tolist(), path)
+        _check_start_times(list(columns[header.index("start_time")]), lines, path)
     return out
 
 

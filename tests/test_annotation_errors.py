@@ -270,3 +270,9 @@ def test_video_id_that_cannot_name_a_cache_file(tmp_path: Path, video: str) -> N
     path = root / "json_update" / "avqa-train.json"
     with raises_naming(path, "cannot name a cache file", line=1):
         MusicAVQADataModule(str(root), cache_dir=str(tmp_path / "cache")).build_dataset("train")
+
+
+def test_avsbench_header_may_hold_any_names(tmp_path: Path) -> None:
+    root = avs_root(tmp_path, S4_CSV.replace("name,start_time", "line,start_time"))  # a column called "line"
+    table = AVSBenchDataModule(str(root)).table()
+    assert table["video_id"].tolist() == ["vid_a", "vid_b", "vid_c"] and table["line"].tolist() == [2, 3, 4]
