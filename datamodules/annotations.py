@@ -2,7 +2,12 @@
 
 Every malformed annotation file (AVE lists, LLP CSVs, AVSBench meta-data CSVs, MUSIC-AVQA JSON) is reported as an
 :class:`AnnotationError` naming the file and, where one applies, the 1-based line (or JSON row): never a bare
-``UnicodeDecodeError`` or parser error from deep inside a library, never silently read as fewer rows.
+``UnicodeDecodeError`` or parser error from deep inside a library, never silently read as fewer rows. A file or
+split that yields no sample is an error too (an empty split would fit 0 batches and "succeed").
+
+Tolerated on purpose (not errors): a UTF-8 byte-order mark, CRLF or CR line ends, blank lines and spaces around
+fields. Release quirks that the official code accepts are warned about where they are read (LLP eval rows,
+repeated MUSIC-AVQA question IDs).
 """
 
 from __future__ import annotations
