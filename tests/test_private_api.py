@@ -133,3 +133,17 @@ def test_lightning_trainer_flags() -> None:
     assert hasattr(fit_loop, "_combined_loader") and hasattr(fit_loop, "_data_fetcher"), "FitLoop cache renamed"
     fit_loop._combined_loader = object()
     assert api.drop_cached_train_loader(fit_loop) is True and fit_loop._combined_loader is None
+
+
+def test_lightning_cli_internals_that_avmoe_cli_overrides() -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    import avmoe.cli
+
+    signatures = {"_instantiate_trainer": ["self", "config", "callbacks"], "_parse_ckpt_path": ["self"]}
+    for name, params in signatures.items():
+        assert list(inspect.signature(getattr(LightningCLI, name)).parameters) == params, f"LightningCLI.{name}"
+        assert name in vars(avmoe.cli.AVMoECLI), f"avmoe.cli no longer overrides {name}: update avmoe._private_api"
+    # an instance attribute set in LightningCLI.__init__ (read by AVMoECLI._user_model_args)
+    assert "self._subcommand_parsers" in inspect.getsource(LightningCLI), "LightningCLI._subcommand_parsers renamed"
+    assert set(api.LIGHTNING_CLI_INTERNALS) == {*signatures, "_subcommand_parsers"}

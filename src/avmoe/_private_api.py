@@ -26,9 +26,12 @@ Lightning (helpers below):
   (``datamodules/base.py``);
 - ``drop_cached_train_loader`` clears ``FitLoop._combined_loader`` / ``_data_fetcher``
   (``callbacks/valuation.py``);
-- ``LightningCLI._instantiate_trainer`` is overridden (not imported) in ``avmoe/cli.py``: the only hook that sees
-  the configured callbacks before the Trainer exists, to add the run-folder callbacks without duplicating those the
-  user configured.
+- overridden or read in ``avmoe/cli.py`` (not importable, so only listed here; names in ``LIGHTNING_CLI_INTERNALS``):
+  ``LightningCLI._instantiate_trainer``, the only hook that sees the configured callbacks before the Trainer
+  exists (adds the run-folder callbacks without duplicating those the user configured);
+  ``LightningCLI._parse_ckpt_path``, where stock LightningCLI merges ``--ckpt_path``'s hyper-parameters over the
+  command line (avmoe makes them defaults the user's flags override); ``LightningCLI._subcommand_parsers``, the
+  per-subcommand parsers, to tell which model options the user gave.
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ TRANSFORMERS_INTERNALS: dict[str, tuple[str, str]] = {
 # Methods and attributes of those classes the backbone calls (checked by tests/test_private_api.py).
 SWINV2_LAYER_MEMBERS = ("maybe_pad", "get_attn_mask", "window_size", "shift_size", "attention", "layernorm_before",
                         "layernorm_after", "drop_path", "intermediate", "output")
+LIGHTNING_CLI_INTERNALS = ("_instantiate_trainer", "_parse_ckpt_path", "_subcommand_parsers")
 CLAP_AUDIO_ENCODER_MEMBERS = ("batch_norm", "reshape_mel2img", "patch_embed", "input_resolutions", "layers", "norm")
 
-__all__ = ["SWINV2_LAYER_MEMBERS", "CLAP_AUDIO_ENCODER_MEMBERS", "TRANSFORMERS_INTERNALS", "drop_cached_train_loader",
-           "uses_distributed_sampler", *TRANSFORMERS_INTERNALS]
+__all__ = ["CLAP_AUDIO_ENCODER_MEMBERS", "LIGHTNING_CLI_INTERNALS", "SWINV2_LAYER_MEMBERS", "TRANSFORMERS_INTERNALS",
+           "drop_cached_train_loader", "uses_distributed_sampler", *TRANSFORMERS_INTERNALS]
 
 
 def __getattr__(name: str) -> Any:

@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, set_docstring_parse_options
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 import avmoe.datamodules  # noqa: F401  (registers the DataModule subclasses for class_path shorthands)
 from avmoe.datamodules.base import AVDataModule
@@ -167,7 +167,7 @@ def select_main(args: Optional[list[str]] = None) -> dict[str, Any]:
     """Entry point of ``lightning select`` (argv after ``select``)."""
     argv = sys.argv[2:] if args is None else args
     # field docstrings become --help text; parsing them reads every config class's source, so only for help
-    set_docstring_parse_options(attribute_docstrings=any(str(a) in ("-h", "--help") for a in argv))
+    set_parsing_settings(docstring_parse_attribute_docstrings=any(str(a) in ("-h", "--help") for a in argv))
     parser = build_parser()
     cfg = parser.parse_args(argv)
     init = parser.instantiate_classes(cfg)
