@@ -147,3 +147,11 @@ def test_lightning_cli_internals_that_avmoe_cli_overrides() -> None:
     # an instance attribute set in LightningCLI.__init__ (read by AVMoECLI._user_model_args)
     assert "self._subcommand_parsers" in inspect.getsource(LightningCLI), "LightningCLI._subcommand_parsers renamed"
     assert set(api.LIGHTNING_CLI_INTERNALS) == {*signatures, "_subcommand_parsers"}
+
+
+def test_cluster_environment_fallback() -> None:
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert getattr(trainer.strategy, "cluster_environment", None) is None  # single device: only the private one
+    assert isinstance(api.cluster_environment(trainer), LightningEnvironment)

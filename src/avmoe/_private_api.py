@@ -24,6 +24,8 @@ Lightning (helpers below):
 
 - ``uses_distributed_sampler`` reads ``Trainer._accelerator_connector.use_distributed_sampler``
   (``datamodules/base.py``);
+- ``cluster_environment`` falls back to ``Trainer._accelerator_connector.cluster_environment``
+  (``callbacks/preemption.py``);
 - ``drop_cached_train_loader`` clears ``FitLoop._combined_loader`` / ``_data_fetcher``
   (``callbacks/valuation.py``);
 - overridden or read in ``avmoe/cli.py`` (not importable, so only listed here; names in ``LIGHTNING_CLI_INTERNALS``):
@@ -55,7 +57,7 @@ LIGHTNING_CLI_INTERNALS = ("_instantiate_trainer", "_parse_ckpt_path", "_subcomm
 CLAP_AUDIO_ENCODER_MEMBERS = ("batch_norm", "reshape_mel2img", "patch_embed", "input_resolutions", "layers", "norm")
 
 __all__ = ["CLAP_AUDIO_ENCODER_MEMBERS", "LIGHTNING_CLI_INTERNALS", "SWINV2_LAYER_MEMBERS", "TRANSFORMERS_INTERNALS",
-           "drop_cached_train_loader", "uses_distributed_sampler", *TRANSFORMERS_INTERNALS]
+           "cluster_environment", "drop_cached_train_loader", "uses_distributed_sampler", *TRANSFORMERS_INTERNALS]
 
 
 def __getattr__(name: str) -> Any:
@@ -75,6 +77,18 @@ def uses_distributed_sampler(trainer: Any) -> bool:
     the DataModules shard with their own resumable sampler and must not shard when the user turned Lightning's off.
     """
     return bool(getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True))
+
+
+def cluster_environment(trainer: Any) -> Any:
+    """The run's cluster environment (e.g. ``SLURMEnvironment``), or None.
+
+    Private fallback: ``trainer._accelerator_connector.cluster_environment``. Single-device strategies carry none
+    (``trainer.strategy.cluster_environment`` is None) and Lightning 2.6.6 has no public accessor for it.
+    """
+    env = getattr(getattr(trainer, "strategy", None), "cluster_environment", None)
+    if env is None:
+        env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+    return env
 
 
 def drop_cached_train_loader(fit_loop: Any) -> bool:

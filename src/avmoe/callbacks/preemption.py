@@ -50,6 +50,8 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from avmoe._private_api import cluster_environment
+
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + signal number, as a shell reports a kill
 
 
@@ -85,9 +87,7 @@ def _on_requeue_signal(signum: int, frame: Optional[FrameType]) -> None:
 
 def _slurm_requeue_signal(trainer: Trainer) -> Optional[int]:
     """The requeue signal when the run uses ``SLURMEnvironment(auto_requeue=True)``, else None."""
-    env = getattr(trainer.strategy, "cluster_environment", None)
-    if env is None:  # single-device strategies have none: private, no public accessor exists in 2.6.6
-        env = getattr(trainer._accelerator_connector, "cluster_environment", None)
+    env = cluster_environment(trainer)  # private fallback for single-device strategies: see avmoe._private_api
     if isinstance(env, SLURMEnvironment) and env.auto_requeue:
         return int(env.requeue_signal or signal.SIGUSR1)
     return None
