@@ -6,6 +6,7 @@ from avmoe.callbacks.crmt import CRMT
 from avmoe.callbacks.figures import AVESegments, AVVPTimelines, FeatureEmbeddings
 from avmoe.callbacks.checkpointing import LatestCheckpoint, latest_checkpoint
 from avmoe.callbacks.metrics_json import MetricsJSON
+from avmoe.callbacks.mmpareto import MMPareto, mmpareto_combine
 from avmoe.callbacks.ogm import OGM, OGMGE, ogm_coefficients
 from avmoe.callbacks.opm import OPM, opm_drop_probabilities
 from avmoe.callbacks.parameters import ParameterSummary, parameter_breakdown
@@ -24,6 +25,7 @@ __all__ = [
     "FeatureEmbeddings",
     "LatestCheckpoint",
     "LineProgressBar",
+    "MMPareto",
     "MetricsJSON",
     "ModalityValuation",
     "OGM",
@@ -37,6 +39,7 @@ __all__ = [
     "StepSeeding",
     "default_progress_bar",
     "latest_checkpoint",
+    "mmpareto_combine",
     "ogm_coefficients",
     "opm_drop_probabilities",
     "parameter_breakdown",

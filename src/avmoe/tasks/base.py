@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, TypeVar
+from typing import Any, Callable, Iterator, Literal, Optional, Protocol, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule
@@ -50,6 +50,20 @@ Batch = dict[str, Any]
 Outputs = dict[str, Tensor]
 FeatureHook = Callable[["AVTask", BackboneOutput, Batch], BackboneOutput]
 LossHook = Callable[["AVTask", Outputs, Batch, dict[str, Tensor]], dict[str, Tensor]]
+
+
+class GradientPolicy(Protocol):
+    """Replaces the module's backward for methods that need per-loss gradients (MMPareto).
+
+    ``training_losses`` may add named loss terms to a training step (they are summed into the loss and logged);
+    ``backward`` then receives the loss Lightning would backpropagate (divided for accumulation, scaled by AMP)
+    together with the named terms it is the sum of, and must leave the gradients in ``.grad``.
+    """
+
+    def training_losses(self, task: "AVTask", feats: BackboneOutput, outputs: "Outputs", batch: "Batch",
+                        losses: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def backward(self, task: "AVTask", loss: Tensor, terms: dict[str, Tensor]) -> None: ...
 C = TypeVar("C")
 OMITTED_KEY = "omitted_frozen_prefixes"  # checkpoint entry naming the encoder weights left out of it
 MEMBERS_KEY = "multitask_members"  # multitask checkpoints: what each member task's own checkpoint hook stored
@@ -169,6 +183,8 @@ class AVTask(LightningModule):
         self.loss_hooks: list[LossHook] = []
         self.record_steps = False
         self.last_step: Optional[StepRecord] = None
+        self.gradient_policy: Optional[GradientPolicy] = None  # set by a callback (MMPareto)
+        self._policy_terms: Optional[dict[str, Tensor]] = None  # the named terms of the loss handed to backward
         self._prediction_records: list[dict[str, Any]] = []
         self.eval_setting: Optional[EvalSetting] = None  # robustness condition of val/test/predict batches
 
@@ -318,6 +334,9 @@ class AVTask(LightningModule):
         if batch_size(batch) == 0:  # every clip of this batch failed to decode under the skip policy
             return self.empty_step_loss()
         feats, outputs, losses = self.training_losses(batch)
+        if self.gradient_policy is not None:
+            losses = self.gradient_policy.training_losses(self, feats, outputs, batch, losses)
+            self._policy_terms = {**losses, "load_balance": feats.aux_loss}
         loss = torch.stack(list(losses.values())).sum() + feats.aux_loss
         bs = batch_size(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -328,6 +347,14 @@ class AVTask(LightningModule):
         if self.record_steps:
             self.last_step = StepRecord(feats.detach(), {k: v.detach() for k, v in outputs.items()}, batch)
         return loss
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward, or the gradient policy's when one is plugged in (it sees the loss's named terms)."""
+        terms, self._policy_terms = self._policy_terms, None
+        if self.gradient_policy is not None and terms is not None:
+            self.gradient_policy.backward(self, loss, terms)
+            return
+        super().backward(loss, *args, **kwargs)
 
     def eval_update(self, batch: Batch, split: str) -> tuple[Tensor, Outputs]:
         """Forward one evaluation batch, update the ``split`` metrics; returns (summed loss, outputs)."""
