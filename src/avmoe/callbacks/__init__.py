@@ -11,6 +11,7 @@ from avmoe.callbacks.ogm import OGM, OGMGE, ogm_coefficients
 from avmoe.callbacks.opm import OPM, opm_drop_probabilities
 from avmoe.callbacks.parameters import ParameterSummary, parameter_breakdown
 from avmoe.callbacks.preemption import Preemption
+from avmoe.callbacks.relearning import Relearning, kmeans_purity, relearning_strength, soft_reinit_
 from avmoe.callbacks.progress import LineProgressBar, default_progress_bar
 from avmoe.callbacks.robustness import RobustEval
 from avmoe.callbacks.router_usage import RouterUsage, router_statistics
@@ -36,13 +37,17 @@ __all__ = [
     "Preemption",
     "RobustEval",
     "RouterUsage",
+    "Relearning",
     "StepSeeding",
     "default_progress_bar",
+    "kmeans_purity",
     "latest_checkpoint",
     "mmpareto_combine",
     "ogm_coefficients",
     "opm_drop_probabilities",
     "parameter_breakdown",
     "router_statistics",
+    "relearning_strength",
     "shapley_contributions",
+    "soft_reinit_",
 ]

@@ -222,14 +222,7 @@ class ModalityValuation(Callback):
         return correct
 
     def _loader(self, trainer: Trainer) -> DataLoader:
-        dm = trainer.datamodule
-        dataset = dm.dataset("train")
-        sampler = (DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=False)
-                   if is_distributed() else None)
-        size = self.batch_size or getattr(dm, "eval_batch_size", None) or getattr(dm, "batch_size", 1)
-        workers = self.num_workers if self.num_workers is not None else getattr(dm, "num_workers", 0)
-        return DataLoader(dataset, batch_size=size, shuffle=False, sampler=sampler, num_workers=workers,
-                          collate_fn=collate, drop_last=False)
+        return split_loader(trainer.datamodule, "train", self.batch_size, self.num_workers)
 
     # ---- re-sampling --------------------------------------------------------------------------------------
     def _replan(self, trainer: Trainer, table: dict[str, Tensor], epoch: int) -> None:
@@ -273,6 +266,19 @@ class ModalityValuation(Callback):
         self.valued_epoch = int(state_dict.get("valued_epoch", -1))
         self.table = state_dict.get("table")
         self.summary = dict(state_dict.get("summary", {}))
+
+
+def split_loader(dm: Any, split: str, batch_size: Optional[int], num_workers: Optional[int]) -> DataLoader:
+    """An unshuffled loader over ``dm.dataset(split)``, sharded over the DDP ranks (``DistributedSampler`` pads by
+    repeating samples: de-duplicate the gathered rows by sample index). Defaults: the DataModule's eval batch
+    size and workers."""
+    dataset = dm.dataset(split)
+    sampler = (DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=False)
+               if is_distributed() else None)
+    size = batch_size or getattr(dm, "eval_batch_size", None) or getattr(dm, "batch_size", 1)
+    workers = num_workers if num_workers is not None else getattr(dm, "num_workers", 0)
+    return DataLoader(dataset, batch_size=size, shuffle=False, sampler=sampler, num_workers=workers,
+                      collate_fn=collate, drop_last=False)
 
 
 def _request_train_reload(trainer: Trainer) -> None:
