@@ -56,7 +56,7 @@ METHODS: dict[str, Callable[[], list[L.Callback]]] = {
     "baseline": lambda: [],
     "ogm_ge": lambda: [OGMGE(alpha=0.8, noise=True, end_epoch=None)],
     "ogm_ge_smooth": lambda: [OGMGE(alpha=0.8, noise=True, smooth=True, end_epoch=None)],
-    "ogm": lambda: [OGM(alpha=0.8, warmup_epochs=1, end_epoch=None)],
+    "ogm": lambda: [OGM(alpha=0.8, noise=False, warmup_epochs=1, end_epoch=None)],
     "opm": lambda: [OPM(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=1)],
     "valuation": lambda: [ModalityValuation(resample="sample", warmup_epochs=2, log_histograms=False)],
     "valuation_modality": lambda: [ModalityValuation(resample="modality", warmup_epochs=2, log_histograms=False)],

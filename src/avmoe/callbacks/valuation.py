@@ -14,9 +14,9 @@ They are logged (TensorBoard histograms ``valuation/phi_audio``/``phi_visual`` a
 rebuilt through :meth:`AVDataModule.set_train_plan` (all originals plus uni-modal copies):
 
 - ``sample`` level: per sample and modality u, copies in which only u is kept: 1 if ``0.4 < phi_u < 1``,
-  2 if ``-0.1 < phi_u <= 0.4``, 3 if ``phi_u <= -0.1`` (official bands; the boundaries, never hit by the
-  official discrete values, are assigned here);
-- ``modality`` level: over a random ``part_ratio`` subset, ``gap_u = 1 - mean(phi_u)``; ``int(|gap_a - gap_v|
+  2 if ``-0.1 < phi_u < 0.4``, 3 if ``phi_u < -0.1`` and none otherwise (the official strict inequalities:
+  the boundaries 0.4 and -0.1, reachable with fractional correctness such as AVE's, give no copy);
+- ``modality`` level: over a random ``part_ratio`` subset (drawn with replacement, as official), ``gap_u = 1 - mean(phi_u)``; ``int(|gap_a - gap_v|
   * 2/3 * alpha * N)`` random samples (with replacement) are copied keeping only the modality with the
   larger gap.
 
@@ -50,7 +50,6 @@ from avmoe.callbacks.ogm import _forward_context, check_contract, eval_mode
 from avmoe.datamodules.batch import INDEX, SKIPPED, batch_size, collate
 
 Resample = Literal["sample", "modality", "none"]
-SAMPLE_BANDS = ((1.0, 0), (0.4, 1), (-0.1, 2))  # phi >= 1: 0 copies; > 0.4: 1; > -0.1: 2; else 3
 
 
 def shapley_contributions(correct_av: Tensor, correct_a: Tensor, correct_v: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,11 +59,13 @@ def shapley_contributions(correct_av: Tensor, correct_a: Tensor, correct_v: Tens
 
 
 def sample_level_copies(phi: np.ndarray) -> np.ndarray:
-    """Uni-modal copies per sample from its contribution (official bands of ``AV_KS_Dataset_sample_level``)."""
-    copies = np.full(phi.shape, 3, dtype=np.int64)
-    for threshold, count in reversed(SAMPLE_BANDS):
-        copies[phi > threshold] = count
-    copies[phi >= SAMPLE_BANDS[0][0]] = 0
+    """Uni-modal copies per sample from its contribution, with the official strict inequalities
+    (``AV_KS_Dataset_sample_level``, ``code/datasets/dataloader.py``): 1 if ``0.4 < phi < 1``, 2 if
+    ``-0.1 < phi < 0.4``, 3 if ``phi < -0.1``, else 0, so the boundaries 0.4, -0.1 and phi >= 1 get none."""
+    copies = np.zeros(phi.shape, dtype=np.int64)
+    copies[(phi > 0.4) & (phi < 1.0)] = 1
+    copies[(phi > -0.1) & (phi < 0.4)] = 2
+    copies[phi < -0.1] = 3
     return copies
 
 
@@ -78,9 +79,13 @@ def sample_level_plan(index: np.ndarray, phi_a: np.ndarray, phi_v: np.ndarray,
 
 
 def modality_level_plan(index: np.ndarray, phi_a: np.ndarray, phi_v: np.ndarray, num_samples: int,
-                        part_ratio: float, alpha: float, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """``(indices, audio_mask, visual_mask)`` of the modality-level variant (see module docstring)."""
-    part = rng.choice(len(index), size=max(1, int(part_ratio * len(index))), replace=False)
+                        part_ratio: float, alpha: float, rng: np.random.Generator,
+                        part_replace: bool = True) -> tuple[np.ndarray, ...]:
+    """``(indices, audio_mask, visual_mask)`` of the modality-level variant (see module docstring).
+
+    The ``part_ratio`` subset is drawn with replacement as the official ``np.random.choice(N, num)``
+    (``code/modality_level.py``); ``part_replace=False`` draws distinct samples."""
+    part = rng.choice(len(index), size=max(1, int(part_ratio * len(index))), replace=part_replace)
     gap_a, gap_v = 1.0 - float(phi_a[part].mean()), 1.0 - float(phi_v[part].mean())
     count = int(abs(gap_a - gap_v) * (2.0 / 3.0) * alpha * num_samples)
     picked = index[rng.integers(0, len(index), count)] if count else np.zeros(0, dtype=np.int64)
@@ -109,6 +114,8 @@ class ModalityValuation(Callback):
             ``warmup_epochs - 1`` (official 5).
         part_ratio: modality level: fraction of the valued samples averaged for the gaps (official 0.2).
         alpha: modality level: scale of the number of copies (official 1).
+        part_replace: modality level: draw the ``part_ratio`` subset with replacement (official
+            ``np.random.choice``); False draws distinct samples.
         correct_threshold: None uses the task's ``sample_correct`` as is (fractional for AVE segments);
             a value turns it into 0/1 (``correct >= threshold``), the official discrete value function.
         batch_size: valuation batch size; None uses the DataModule's eval batch size.
@@ -126,6 +133,7 @@ class ModalityValuation(Callback):
         warmup_epochs: int = 5,
         part_ratio: float = 0.2,
         alpha: float = 1.0,
+        part_replace: bool = True,
         correct_threshold: Optional[float] = None,
         batch_size: Optional[int] = None,
         num_workers: Optional[int] = None,
@@ -144,6 +152,7 @@ class ModalityValuation(Callback):
         self.warmup_epochs = warmup_epochs
         self.part_ratio = part_ratio
         self.alpha = alpha
+        self.part_replace = part_replace
         self.correct_threshold = correct_threshold
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -234,7 +243,8 @@ class ModalityValuation(Callback):
             plan = sample_level_plan(index, phi_a, phi_v, num)
         else:
             rng = np.random.default_rng(mix_seed(self.seed, epoch))
-            plan = modality_level_plan(index, phi_a, phi_v, num, self.part_ratio, self.alpha, rng)
+            plan = modality_level_plan(index, phi_a, phi_v, num, self.part_ratio, self.alpha, rng,
+                                       self.part_replace)
         dm.set_train_plan(*plan)
         _request_train_reload(trainer)
         self.summary.update({"plan_size": float(len(plan[0])),

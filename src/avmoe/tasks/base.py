@@ -100,15 +100,17 @@ class OptimConfig:
     """StepLR factor applied every ``step_size`` epochs."""
 
 
-UNIMODAL_MODES = ("zero", "aux")
+UNIMODAL_MODES = ("zero", "split", "aux")
 
 
 @dataclass
 class UnimodalConfig:
     """Where the per-modality predictions (OGM/OPM scores, valuation) come from."""
 
-    mode: Literal["zero", "aux"] = "zero"
+    mode: Literal["zero", "split", "aux"] = "zero"
     """``zero``: the task head with the other modality's features zeroed (any head, no extra parameters);
+    ``split``: the official split of a linear fusion of concatenated features, ``x_u W_u^T + b/2`` at that layer
+    (OGM-GE ``main.py``, BML ``Classifier.py``; only heads that have one: AVQA's ``fusion``);
     ``aux``: auxiliary uni-modal heads (one per modality, on that modality's features) trained with their own
     losses next to the task loss."""
     aux_weight: float = 1.0
@@ -282,6 +284,8 @@ class AVTask(LightningModule):
         """Outputs of each modality alone, by ``mode`` (default ``unimodal.mode``): ``zero`` runs the task head with
         the other modality's features zeroed, ``aux`` runs the auxiliary heads."""
         mode = mode or self.unimodal.mode
+        if mode == "split":
+            return self._split_unimodal_outputs(feats, batch)
         if mode == "aux":
             if self.unimodal_heads is None:
                 raise RuntimeError(f"{type(self).__name__}: auxiliary heads are not built (unimodal.mode is "
@@ -289,6 +293,33 @@ class AVTask(LightningModule):
             return {m: self.unimodal_head_forward(m, feats, batch) for m in MODALITIES}
         return {"audio": self.head_forward(feats.drop("visual"), batch),
                 "visual": self.head_forward(feats.drop("audio"), batch)}
+
+    def split_fusion(self) -> Optional[tuple[nn.Linear, dict[str, slice]]]:
+        """The head's linear fusion of concatenated features and each modality's input columns, or None."""
+        head = getattr(self, "head", None)
+        return head.split_fusion() if hasattr(head, "split_fusion") else None
+
+    def _split_unimodal_outputs(self, feats: BackboneOutput, batch: Batch) -> dict[str, Outputs]:
+        """Each modality's outputs with the fusion layer replaced by ``x_u W_u^T + b/2`` (official split head)."""
+        split = self.split_fusion()
+        if split is None:
+            raise ValueError(f"unimodal.mode: split needs a head whose modalities meet in a linear layer on "
+                             f"concatenated features; {type(self).__name__}'s head has none (use zero or aux)")
+        layer, columns = split
+        out = {}
+        for modality in MODALITIES:
+            cols = columns[modality]
+
+            def own_half(module: nn.Module, args: tuple, _: Tensor, cols: slice = cols) -> Tensor:
+                bias = None if module.bias is None else module.bias / len(columns)
+                return nn.functional.linear(args[0][..., cols], module.weight[:, cols], bias)
+
+            handle = layer.register_forward_hook(own_half)
+            try:
+                out[modality] = self.head_forward(feats, batch)
+            finally:
+                handle.remove()
+        return out
 
     def build_unimodal_heads(self) -> None:
         """Create the auxiliary heads when ``unimodal.mode`` is ``aux`` (subclasses call it once the head exists)."""
