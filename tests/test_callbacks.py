@@ -215,7 +215,8 @@ def test_ogm_modulate_scales_then_adds_noise_of_the_unmodulated_std():
 
 
 def test_presets_append_to_a_task_config():
-    presets = [CONFIGS / "callbacks" / f"{name}.yaml" for name in ("ogm_ge", "ogm", "opm", "valuation")]
+    presets = [CONFIGS / "callbacks" / f"{name}.yaml" for name in ("ogm_ge", "ogm", "opm", "valuation", "mmpareto",
+                                                                   "relearning")]
     args = ["fit", "--config", str(CONFIGS / "ave.yaml")]
     for preset in presets:
         args += ["--config", str(preset)]
@@ -225,7 +226,8 @@ def test_presets_append_to_a_task_config():
     callbacks = [c["class_path"] for c in yaml.safe_load(out.getvalue())["trainer"]["callbacks"]]
     assert callbacks == ["lightning.pytorch.callbacks.EarlyStopping", "lightning.pytorch.callbacks.LearningRateMonitor",
                          "avmoe.callbacks.OGMGE", "avmoe.callbacks.OGM", "avmoe.callbacks.OPM",
-                         "avmoe.callbacks.ModalityValuation"]
+                         "avmoe.callbacks.ModalityValuation", "avmoe.callbacks.MMPareto",
+                         "avmoe.callbacks.Relearning"]
 
 
 def test_imbalanced_release_is_read_by_the_ave_datamodule(imbalanced_release):
