@@ -85,34 +85,44 @@ def two_processes(releases, tmp_path_factory) -> tuple[dict, dict]:
     return tuple(json.loads((root / f"results_rank{r}.json").read_text()) for r in (0, 1))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("task", TASKS)
-def test_single_process_acts(single_process, task, method):
-    base, run = single_process[f"{task}/baseline"], single_process[f"{task}/{method}"]
-    assert run["finite"] and run["counters"][0] > 0, run
-    assert run["sha"] != base["sha"], f"{method} did not change the parameters of {task}"
-    prefix = {"ogm_ge": "ogm", "ogm": "ogm"}.get(method, method)
-    assert prefix in run["logged"], f"{method} logged nothing ({run['logged']})"
+def _check(failures: list[str], cell: str, ok: bool, why: str) -> None:
+    if not ok:
+        failures.append(f"{cell}: {why}")
 
 
+# One test per process layout, each checking every cell (a failure lists them all): the module-scoped runs must
+# happen once, and pytest-xdist would run each parametrized test's fixture again on every worker.
 @pytest.mark.slow
-@pytest.mark.parametrize("task", TASKS)
-def test_single_process_resume_is_exact(single_process, task):
-    run, resumed = single_process[f"{task}/all"], single_process[f"{task}/all/resumed"]
-    assert run["finite"] and all(c > 0 for c in run["counters"]), run
-    assert resumed["counters"] == run["counters"]
-    assert resumed["sha"] == run["sha"], f"{task}: the resumed run differs from the straight run"
+def test_every_callback_on_every_task_single_process(single_process):
+    failures: list[str] = []
+    for task in TASKS:
+        base = single_process[f"{task}/baseline"]
+        for method in METHODS:
+            run, cell = single_process[f"{task}/{method}"], f"{task} x {method}"
+            _check(failures, cell, run["finite"], "non-finite parameters")
+            _check(failures, cell, run["counters"][0] > 0, f"its counter is {run['counters'][0]}")
+            _check(failures, cell, run["sha"] != base["sha"], "parameters equal to the fit without it")
+            prefix = {"ogm_ge": "ogm"}.get(method, method)
+            _check(failures, cell, prefix in run["logged"], f"logged nothing under {prefix}/ ({run['logged']})")
+        run, resumed, cell = single_process[f"{task}/all"], single_process[f"{task}/all/resumed"], f"{task} x all"
+        _check(failures, cell, all(c > 0 for c in run["counters"]), f"counters {run['counters']}")
+        _check(failures, cell, resumed["counters"] == run["counters"], "resumed counters differ")
+        _check(failures, cell, resumed["sha"] == run["sha"], "the resumed run differs from the straight run")
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.slow
 @pytest.mark.ddp
-@pytest.mark.parametrize("task", TASKS)
-def test_two_process_ddp(two_processes, task):
+def test_every_callback_on_every_task_two_process_ddp(two_processes):
     rank0, rank1 = two_processes
-    base, run = rank0[f"{task}/baseline"], rank0[f"{task}/all"]
-    assert rank1[f"{task}/baseline"]["sha"] == base["sha"]
-    assert rank1[f"{task}/all"]["sha"] == run["sha"], f"{task}: DDP replicas diverged"
-    assert run["finite"] and run["sha"] != base["sha"], f"the callbacks did not act on {task} under DDP"
-    assert run["counters"] == rank1[f"{task}/all"]["counters"], "every rank took the same decisions"
-    assert all(c > 0 for c in run["counters"]), dict(zip(METHODS, run["counters"]))
+    failures: list[str] = []
+    for task in TASKS:
+        base, run, other = rank0[f"{task}/baseline"], rank0[f"{task}/all"], rank1[f"{task}/all"]
+        cell = f"{task} x all (DDP)"
+        _check(failures, cell, rank1[f"{task}/baseline"]["sha"] == base["sha"], "baseline replicas diverged")
+        _check(failures, cell, other["sha"] == run["sha"], "replicas diverged")
+        _check(failures, cell, run["finite"] and run["sha"] != base["sha"], "did not act (or non-finite)")
+        _check(failures, cell, run["counters"] == other["counters"], f"ranks decided differently {run['counters']} "
+                                                                      f"vs {other['counters']}")
+        _check(failures, cell, all(c > 0 for c in run["counters"]), f"{dict(zip(METHODS, run['counters']))}")
+    assert not failures, "\n".join(failures)
