@@ -71,7 +71,7 @@ def kmeans_purity(features: Any, labels: Any, num_clusters: int, seed: int) -> f
     (its default ``n_init`` for the installed version, as the official call), then :func:`purity`.
     ``num_clusters`` is capped at the number of samples.
     """
-    from sklearn.cluster import KMeans  # noqa: PLC0415  (a librosa dependency; imported on use)
+    from sklearn.cluster import KMeans  # noqa: PLC0415  (imported on use: only the diagnosis needs it)
     from sklearn.preprocessing import MinMaxScaler  # noqa: PLC0415
 
     x = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
