@@ -226,10 +226,11 @@ def test_zero_unimodal_gradient_and_amp(imbalanced_release, tmp_path):
         # and scales the loss, as on a GPU.
         kwargs = ({"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))]}
                   if precision == "16-mixed" else {"precision": precision})
-        trainer = make_trainer(tmp_path, [cb], max_steps=2, **kwargs)
+        steps = 2 if precision == "16-mixed" else 1  # fp16: the scaler may skip a first overflowing step
+        trainer = make_trainer(tmp_path, [cb], max_steps=steps, **kwargs)
         trainer.fit(task, make_datamodule(imbalanced_release, batch_size=2))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         assert (scaler is not None) == (precision == "16-mixed")
-        assert cb.num_combined + cb.num_skipped_nonfinite == 2 and cb.num_combined >= 1, precision
+        assert cb.num_combined + cb.num_skipped_nonfinite == steps and cb.num_combined >= 1, precision
         assert all(torch.isfinite(p).all() for p in task.parameters()), precision
         assert math.isfinite(cb.last.get("cos_audio", 0.0))
