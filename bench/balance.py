@@ -19,7 +19,10 @@ seeds, and min..max). CPU, one thread by default; clips are decoded once (real d
     python bench/balance.py --seeds 0 --epochs 1 --methods baseline ogm_ge --no-write   # smoke run
 
 Epoch windows are scaled to the short runs: OGM/OPM warm-ups of 1 epoch (journal code: 6 of 100), valuation
-re-sampling from the end of epoch 1 (official warm-up 5 of 60). The release must match the flags it was written
+re-sampling from the end of epoch 1 (official warm-up 5 of 60), D&R re-initialisation after epochs 1 and 2
+(official: after epochs 20, 40, 60 of 90).
+
+    python bench/balance.py --step-cost                        # MMPareto step time vs the baseline's (no table) The release must match the flags it was written
 with: delete ``--root`` after changing ``--num-train``/``--num-test``.
 """
 
@@ -39,7 +42,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from avmoe.callbacks import OGM, OGMGE, OPM, ModalityValuation
+from avmoe.callbacks import OGM, OGMGE, OPM, MMPareto, ModalityValuation, Relearning
 from avmoe.datamodules import AVEDataModule, LogMelConfig
 from avmoe.datamodules.synthetic.imbalanced import write_imbalanced_ave_release
 from avmoe.metrics.ave import ave_segment_predictions
@@ -56,7 +59,7 @@ METHODS: dict[str, Callable[[], list[L.Callback]]] = {
     "baseline": lambda: [],
     "ogm_ge": lambda: [OGMGE(alpha=0.8, noise=True, end_epoch=None)],
     "ogm_ge_smooth": lambda: [OGMGE(alpha=0.8, noise=True, smooth=True, end_epoch=None)],
-    "ogm": lambda: [OGM(alpha=0.8, warmup_epochs=1, end_epoch=None)],
+    "ogm": lambda: [OGM(alpha=0.8, noise=False, warmup_epochs=1, end_epoch=None)],
     "opm": lambda: [OPM(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=1)],
     "valuation": lambda: [ModalityValuation(resample="sample", warmup_epochs=2, log_histograms=False)],
     "valuation_modality": lambda: [ModalityValuation(resample="modality", warmup_epochs=2, log_histograms=False)],
@@ -64,8 +67,11 @@ METHODS: dict[str, Callable[[], list[L.Callback]]] = {
     "ogm_ge_aux": lambda: [OGMGE(alpha=0.8, noise=True, end_epoch=None)],
     "opm_aux": lambda: [OPM(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=1)],
     "baseline_2x": lambda: [],
+    "mmpareto": lambda: [MMPareto(gamma=1.5)],
+    "mmpareto_aux": lambda: [MMPareto(gamma=1.5)],
+    "relearning": lambda: [Relearning(lam=3.0, every_n_epochs=1, max_times=2)],
 }
-AUX_METHODS = {"baseline_aux", "ogm_ge_aux", "opm_aux"}  # model.unimodal.mode = aux (auxiliary heads)
+AUX_METHODS = {"baseline_aux", "ogm_ge_aux", "opm_aux", "mmpareto_aux"}  # model.unimodal.mode = aux (aux heads)
 EPOCH_SCALE = {"baseline_2x": 2}  # compute control: valuation's re-sampled epochs are 2-3x larger
 LABELS = {
     "baseline": "baseline (joint training)",
@@ -79,6 +85,9 @@ LABELS = {
     "ogm_ge_aux": "OGM-GE scored by auxiliary heads",
     "opm_aux": "OPM scored by auxiliary heads",
     "baseline_2x": "baseline, twice the epochs (compute control)",
+    "mmpareto": "MMPareto (gamma 1.5), uni-modal losses of the zeroed-feature head",
+    "mmpareto_aux": "MMPareto (gamma 1.5), auxiliary uni-modal heads (official form)",
+    "relearning": "Diagnosing & Re-learning (lambda 3, after epochs 1 and 2)",
 }
 _CACHE: dict[tuple[str, str, int], Any] = {}
 
@@ -198,6 +207,40 @@ def run_one(method: str, seed: int, root: Path, epochs: int, batch_size: int, lr
     return result
 
 
+class StepTimer(L.Callback):
+    """Wall time of each training batch (forward, backward(s), optimizer step), after ``skip`` warm-up batches."""
+
+    def __init__(self, skip: int = 2) -> None:
+        self.skip, self.times, self._tic = skip, [], 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._tic = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step > self.skip:
+            self.times.append(time.perf_counter() - self._tic)
+
+
+def step_cost(root: Path, batch_size: int, lr: float, steps: int = 12) -> dict[str, float]:
+    """Median training-step time of the baseline and of MMPareto (both with auxiliary heads), same batches."""
+    out = {}
+    for method in ("baseline_aux", "mmpareto_aux"):
+        L.seed_everything(0, workers=True)
+        task = AVETask(backbone=tiny_config(), head=HEAD, optim=OptimConfig(lr=lr, step_size=None),
+                       unimodal=UnimodalConfig(mode="aux"))
+        dm = CachedAVEDataModule(str(root), batch_size=batch_size, num_workers=0, image_size=64, audio=AUDIO,
+                                 persistent_workers=False)
+        timer = StepTimer()
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, callbacks=[*METHODS[method](), timer],
+                            default_root_dir=str(root.parent / "runs"))
+        trainer.fit(task, dm)
+        out[f"{method}_ms"] = round(1000 * statistics.median(timer.times), 1)
+    out["ratio"] = round(out["mmpareto_aux_ms"] / out["baseline_aux_ms"], 2)
+    return out
+
+
 def _stats(values: list[float]) -> str:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -263,11 +306,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     parser.add_argument("--results", type=Path, default=None, help="JSON lines of every run (default: <root>/../)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="only time training steps of the baseline and MMPareto (aux heads) and print the ratio")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing: rebuild the table from every run in --results (e.g. after adding seeds)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results_path = args.results or args.root.parent / "balance_results.jsonl"
+    if args.step_cost:
+        print(json.dumps(step_cost(make_release(args.root, args.num_train, args.num_test), args.batch_size, args.lr)))
+        return
     if args.table_only:
         results = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
         args.seeds = sorted({r["seed"] for r in results})

@@ -147,7 +147,7 @@ def test_ogm_windows_and_journal_defaults():
     ogm_ge = OGMGE(start_epoch=2, end_epoch=4)
     assert [ogm_ge.window.active(e) for e in range(6)] == [False, False, True, True, True, False], "inclusive"
     journal = OGM()
-    assert journal.alpha == 0.8 and not journal.noise
+    assert journal.alpha == 0.8 and journal.noise, "train_ogm.sh runs the default OGM_GE"
     assert not journal.window.active(5) and journal.window.active(6), "TPAMI warm-up: epochs 0-5 unmodulated"
     assert journal.window.active(60) and not journal.window.active(61)
 
@@ -166,7 +166,7 @@ def test_shapley_values_and_sample_level_bands():
     phi_a, phi_v = shapley_contributions(c_av, c_a, c_v)
     assert phi_a.tolist() == [1.5, 1.0, 1.0, 0.5, -0.5, 0.5]
     assert torch.equal(phi_a + phi_v, 2 * c_av), "efficiency: phi_a + phi_v = v(av)"
-    assert sample_level_copies(np.array([1.5, 1.0, 0.5, 0.0, -0.5, 0.4, -0.1])).tolist() == [0, 0, 1, 2, 3, 2, 3]
+    assert sample_level_copies(np.array([1.5, 1.0, 0.5, 0.0, -0.5, 0.4, -0.1])).tolist() == [0, 0, 1, 2, 3, 0, 0]
     index = np.array([0, 1, 2])
     indices, audio_mask, visual_mask = sample_level_plan(index, np.array([1.5, 0.5, -0.5]),
                                                          np.array([0.5, 1.5, 0.0]), num_samples=4)
@@ -215,7 +215,8 @@ def test_ogm_modulate_scales_then_adds_noise_of_the_unmodulated_std():
 
 
 def test_presets_append_to_a_task_config():
-    presets = [CONFIGS / "callbacks" / f"{name}.yaml" for name in ("ogm_ge", "ogm", "opm", "valuation")]
+    presets = [CONFIGS / "callbacks" / f"{name}.yaml" for name in ("ogm_ge", "ogm", "opm", "valuation", "mmpareto",
+                                                                   "relearning")]
     args = ["fit", "--config", str(CONFIGS / "ave.yaml")]
     for preset in presets:
         args += ["--config", str(preset)]
@@ -225,7 +226,8 @@ def test_presets_append_to_a_task_config():
     callbacks = [c["class_path"] for c in yaml.safe_load(out.getvalue())["trainer"]["callbacks"]]
     assert callbacks == ["lightning.pytorch.callbacks.EarlyStopping", "lightning.pytorch.callbacks.LearningRateMonitor",
                          "avmoe.callbacks.OGMGE", "avmoe.callbacks.OGM", "avmoe.callbacks.OPM",
-                         "avmoe.callbacks.ModalityValuation"]
+                         "avmoe.callbacks.ModalityValuation", "avmoe.callbacks.MMPareto",
+                         "avmoe.callbacks.Relearning"]
 
 
 def test_imbalanced_release_is_read_by_the_ave_datamodule(imbalanced_release):
@@ -318,7 +320,7 @@ def test_ogm_skips_and_logs_nonfinite_steps(imbalanced_release, tmp_path):
 @pytest.mark.slow
 def test_callbacks_run_under_bf16_autocast(imbalanced_release, tmp_path):
     """Probes run in the precision plugin's autocast (bf16 features meet an fp32 head); grads stay finite."""
-    ogm, opm, val = OGMGE(alpha=1.0), OPM(p_exe=1.0), ModalityValuation(warmup_epochs=1, resample="modality")
+    ogm, opm, val = OGMGE(alpha=1.0), OPM(p_exe=1.0, warmup_epochs=0), ModalityValuation(warmup_epochs=1, resample="modality")
     trainer = make_trainer(tmp_path, [ogm, opm, val], precision="bf16-mixed", max_epochs=1, limit_train_batches=2)
     task = make_task()
     trainer.fit(task, make_datamodule(imbalanced_release, batch_size=2))
@@ -341,7 +343,7 @@ def test_opm_hook_drops_the_dominant_modality_and_rescales(monkeypatch):
     task = make_task()
     batch = _tensor_batch(task)
     monkeypatch.setattr(opm_module, "unimodal_score_sums", lambda *a: torch.tensor([5.0, 1.0, 6.0]))
-    opm = OPM(q_base=0.3, lam=0.5, p_exe=1.0)
+    opm = OPM(q_base=0.3, lam=0.5, p_exe=1.0, warmup_epochs=0)
     opm._trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     task.log = lambda *a, **k: None  # not attached to a running trainer
     task.eval()
@@ -376,7 +378,7 @@ def test_opm_fully_dropped_batch_runs_backward_with_zero_weight(imbalanced_relea
     monkeypatch.setattr(opm_module, "unimodal_score_sums", lambda *a: torch.tensor([5.0, 1.0, 2.0]))
     dm = make_datamodule(imbalanced_release, batch_size=2)
     dm.set_train_plan(np.arange(2), visual_mask=np.zeros(2))
-    opm, check = OPM(q_base=1.0, lam=0.0, p_exe=1.0, keep_one_modality=False), ZeroGradCheck()
+    opm, check = OPM(q_base=1.0, lam=0.0, p_exe=1.0, keep_one_modality=False, warmup_epochs=0), ZeroGradCheck()
     task = make_task()
     start = {k: v.clone() for k, v in task.state_dict().items()}
     make_trainer(tmp_path, [opm, check], max_steps=1).fit(task, dm)
@@ -435,7 +437,7 @@ def test_valuation_values_saves_logs_and_replans(imbalanced_release, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ resume
 def _fit(root: Path, release: Path, epochs: int, ckpt: str | None = None) -> tuple[AVETask, list[Callback], Any]:
-    callbacks = [OGMGE(alpha=1.0, noise=True), OPM(p_exe=1.0, q_base=0.5),
+    callbacks = [OGMGE(alpha=1.0, noise=True), OPM(p_exe=1.0, q_base=0.5, warmup_epochs=0),
                  ModalityValuation(resample="sample", warmup_epochs=1)]
     # Saved at validation end, i.e. before the epoch-end valuation (the harder resume path; with the default
     # save-on-train-epoch-end the valuation state is already in the checkpoint).

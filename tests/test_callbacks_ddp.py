@@ -40,7 +40,7 @@ def _digests(folder: Path) -> tuple[dict, dict]:
 
 
 def _spawn_fit(release: Path, root: Path, ogm: OGMGE, all_callbacks: bool = True, epochs: int = 2) -> L.Trainer:
-    others = [OPM(p_exe=1.0), ModalityValuation(warmup_epochs=1)] if all_callbacks else []
+    others = [OPM(p_exe=1.0, warmup_epochs=0), ModalityValuation(warmup_epochs=1)] if all_callbacks else []
     callbacks = [ogm, *others, ParameterChecksum(dirpath=str(root / "sums"), every_n_steps=1)]
     trainer = L.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=epochs, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -6,10 +6,12 @@ from avmoe.callbacks.crmt import CRMT
 from avmoe.callbacks.figures import AVESegments, AVVPTimelines, FeatureEmbeddings
 from avmoe.callbacks.checkpointing import LatestCheckpoint, latest_checkpoint
 from avmoe.callbacks.metrics_json import MetricsJSON
+from avmoe.callbacks.mmpareto import MMPareto, mmpareto_combine
 from avmoe.callbacks.ogm import OGM, OGMGE, ogm_coefficients
 from avmoe.callbacks.opm import OPM, opm_drop_probabilities
 from avmoe.callbacks.parameters import ParameterSummary, parameter_breakdown
 from avmoe.callbacks.preemption import Preemption
+from avmoe.callbacks.relearning import Relearning, kmeans_purity, relearning_strength, soft_reinit_
 from avmoe.callbacks.progress import LineProgressBar, default_progress_bar
 from avmoe.callbacks.robustness import RobustEval
 from avmoe.callbacks.router_usage import RouterUsage, router_statistics
@@ -24,6 +26,7 @@ __all__ = [
     "FeatureEmbeddings",
     "LatestCheckpoint",
     "LineProgressBar",
+    "MMPareto",
     "MetricsJSON",
     "ModalityValuation",
     "OGM",
@@ -34,12 +37,17 @@ __all__ = [
     "Preemption",
     "RobustEval",
     "RouterUsage",
+    "Relearning",
     "StepSeeding",
     "default_progress_bar",
+    "kmeans_purity",
     "latest_checkpoint",
+    "mmpareto_combine",
     "ogm_coefficients",
     "opm_drop_probabilities",
     "parameter_breakdown",
     "router_statistics",
+    "relearning_strength",
     "shapley_contributions",
+    "soft_reinit_",
 ]

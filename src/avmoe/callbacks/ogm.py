@@ -20,11 +20,14 @@ Official-code quirks (as read) and what is done here:
 - The coefficient uses ``relu(rho)``, not ``relu(rho - 1)``, and is applied only when ``rho > 1``, so ``k`` jumps
   from 1 to ``1 - tanh(alpha)`` at ``rho = 1``; reproduced by default, ``smooth=True`` gives the continuous
   ``1 - tanh(alpha * relu(rho - 1))``.
-- At an exact tie (``rho_v == 1``) the official ``else`` branch modulates audio; the paper's Eq. (10) (``k = 1``
-  unless ``rho > 1``) is followed here: nothing is scaled at a tie.
+- At an exact tie (``rho_v == 1``) the CVPR code's ``else`` branch modulates audio (``main.py``), the journal
+  code (``BML_TPAMI2024 code/main.py``) visual; the paper's Eq. (10) (``k = 1`` unless ``rho > 1``) is followed
+  here: nothing is scaled at a tie.
 - Only 4-D (conv) gradients are modulated officially; here the parameters come from
   :meth:`AVTask.modality_parameters` (module ownership) and ``min_param_dim`` picks the tensors
-  (default 2: weight matrices and convolutions, no biases / norm affines, as BalanceBenchmark).
+  (default 2: weight matrices and convolutions, no biases / norm affines, as BalanceBenchmark). A setting that
+  selects no tensor of a modality (``min_param_dim: 4`` on AVMoE, whose adapters and heads hold no 4-D tensor)
+  is an error at fit start, never a silent no-op that still logs coefficients.
 - Scores are computed with the head in eval mode on the detached features of the training forward (no dropout
   noise, no BatchNorm statistics updated by the probe); samples whose data-plan mask removed a modality are
   left out of the scores.
@@ -187,8 +190,12 @@ class OGMGE(Callback):
         end_epoch: last epoch with modulation (inclusive; official 50); None: to the end.
         warmup_epochs: TPAMI warm-up: no modulation before this epoch (the journal code: 6, i.e. epochs 0-5).
         min_param_dim: modulate only gradients with at least this many dimensions (4: conv only, official;
-            2: weights, BalanceBenchmark; 1: every tensor of the modality groups).
+            2: weights, BalanceBenchmark; 1: every tensor of the modality groups). Selecting no tensor of a
+            modality is an error at fit start.
         seed: seed of the GE noise (combined with the global step; identical on all ranks).
+
+    At an exact tie of the scores (``rho = 1``) nothing is modulated (the paper's Eq. 10); the CVPR code
+    modulates audio there and the journal code visual.
     """
 
     prefix = "ogm"
@@ -221,8 +228,15 @@ class OGMGE(Callback):
 
     # ---- setup ----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        check_contract(pl_module, type(self).__name__)
-        self._groups = modality_groups(pl_module, type(self).__name__)
+        who = type(self).__name__
+        check_contract(pl_module, who)
+        self._groups = modality_groups(pl_module, who)
+        for modality in MODALITIES:
+            if not any(p.dim() >= self.min_param_dim for p in self._groups[modality]):
+                dims = sorted({p.dim() for p in self._groups[modality]})
+                raise ValueError(f"{who}(min_param_dim={self.min_param_dim}) selects no {modality} tensor of "
+                                 f"{type(pl_module).__name__} (its {modality} parameters have {dims} dimensions), "
+                                 f"so nothing would be modulated; lower min_param_dim (2: weight matrices)")
         pl_module.record_steps = True
 
     # ---- per micro-batch ------------------------------------------------------------------------------------
@@ -319,11 +333,14 @@ class OGMGE(Callback):
 
 
 class OGM(OGMGE):
-    """The journal (TPAMI 2024) OGM: no GE noise, 6 warm-up epochs, ``alpha`` 0.8, modulation up to epoch 60.
+    """The journal (TPAMI 2024) OGM: 6 warm-up epochs, ``alpha`` 0.8, modulation up to epoch 60, GE noise.
+
+    ``scripts/train_ogm.sh`` passes no ``--modulation``, so the journal script runs its default ``OGM_GE``
+    (``code/main.py`` argparse, ``config.py``): GE noise on, as here; ``noise=False`` is the plain ``OGM`` mode.
 
     Args:
         alpha: modulation strength (``scripts/train_ogm.sh``: 0.8).
-        noise: add GE noise (the journal code's ``OGM_GE`` mode).
+        noise: add GE noise (the journal script's default ``OGM_GE``); False: ``--modulation OGM``.
         smooth: continuous coefficient instead of the official jump at ``rho = 1``.
         start_epoch: first epoch with modulation (inclusive).
         end_epoch: last epoch with modulation (inclusive); None: to the end.
@@ -335,7 +352,7 @@ class OGM(OGMGE):
     def __init__(
         self,
         alpha: float = 0.8,
-        noise: bool = False,
+        noise: bool = True,
         smooth: bool = False,
         start_epoch: int = 0,
         end_epoch: Optional[int] = 60,

@@ -22,11 +22,19 @@ Official-code behaviour changed on purpose:
   partially dropped batch keeps its fully dropped samples with all-zero features in the task loss (per-sample
   loss weights would need the task's ``compute_losses`` to take weights); the auxiliary heads' losses
   (``unimodal.mode: aux``) do leave out the samples whose modality was dropped.
+
+Official quirk, off by default (``official_theta_grad``): the rescaling function of ``code/models/Classifier.py``
+(``custom_autograd.backward``) returns ``theta`` itself as the gradient of ``theta``, and ``theta`` is computed
+with grad from the uni-modal scores (the head's weights detached, the features not), so every dropping batch
+sends an extra ``theta * d(theta)/d(features)`` into the encoders. With the option on, that term is added to the
+gradient of the features entering the hook (computed from this rank's scores; ``theta`` from
+:func:`opm_theta`). Off, the rescaling is a constant, as the paper describes it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import fields, replace
 from typing import Any, Optional
 
 import torch
@@ -34,7 +42,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from avmoe.callbacks._distributed import all_reduce_sum, rank, shared_generator
-from avmoe.callbacks.ogm import EpochWindow, check_contract, discrepancy_ratio, unimodal_score_sums
+from avmoe.callbacks.ogm import (
+    EpochWindow,
+    _forward_context,
+    check_contract,
+    discrepancy_ratio,
+    eval_mode,
+    present_samples,
+    unimodal_score_sums,
+)
 from avmoe.datamodules.batch import AUDIO_MASK, VISUAL_MASK
 
 
@@ -52,6 +68,17 @@ def opm_drop_probabilities(score_audio: float, score_visual: float, q_base: floa
     return out[0], out[1]
 
 
+def opm_theta(score_audio: Tensor, score_visual: Tensor, q_base: float, lam: float, dim_audio: int,
+              dim_visual: int) -> Tensor:
+    """Differentiable ``theta = (d_a q_a + d_v q_v) / (d_a + d_v)`` from the two score sums (official ``calcu_q``
+    then ``execute_drop``; ``q`` as :func:`opm_drop_probabilities`)."""
+    qs = []
+    for own, other in ((score_audio, score_visual), (score_visual, score_audio)):
+        t = torch.tanh(torch.relu(own / other - 1.0))
+        qs.append(torch.where(t > 0, q_base * (1.0 + lam * t), torch.zeros_like(t)).clamp(0.0, 1.0))
+    return (dim_audio * qs[0] + dim_visual * qs[1]) / (dim_audio + dim_visual)
+
+
 class OPM(Callback):
     """Drop the dominant modality's features per sample during training (forward-time balancing).
 
@@ -64,8 +91,10 @@ class OPM(Callback):
         p_exe: probability that the drop runs on a given batch (official 0.7).
         start_epoch: first epoch with dropping (inclusive).
         end_epoch: last epoch with dropping (inclusive); None: to the end (BalanceBenchmark: 80).
-        warmup_epochs: TPAMI warm-up: no dropping before this epoch (journal code: 6).
+        warmup_epochs: TPAMI warm-up: no dropping before this epoch (journal code ``warm_up = epoch <= 5``: 6).
         keep_one_modality: never drop the dominant modality of a sample whose other modality is already absent.
+        official_theta_grad: reproduce the official extra gradient ``theta * d(theta)/d(features)`` on dropping
+            batches (see the module docstring; an official quirk, off by default).
         seed: seed of the execution draw and of the masks.
     """
 
@@ -78,8 +107,9 @@ class OPM(Callback):
         p_exe: float = 0.7,
         start_epoch: int = 0,
         end_epoch: Optional[int] = None,
-        warmup_epochs: int = 0,
+        warmup_epochs: int = 6,
         keep_one_modality: bool = True,
+        official_theta_grad: bool = False,
         seed: int = 0,
     ) -> None:
         for name, value in (("q_base", q_base), ("p_exe", p_exe)):
@@ -90,6 +120,7 @@ class OPM(Callback):
         self.p_exe = p_exe
         self.window = EpochWindow(start_epoch, end_epoch, warmup_epochs)
         self.keep_one_modality = keep_one_modality
+        self.official_theta_grad = official_theta_grad
         self.seed = seed
         self.num_calls = 0
         self.num_executed = 0
@@ -141,8 +172,28 @@ class OPM(Callback):
         if not execute:
             return feats
         scale = self._rescale(feats, q_a, q_v)
+        if self.official_theta_grad and torch.is_grad_enabled():
+            self._add_theta_gradient(trainer, task, feats, batch)
         device = feats.visual.device
         return feats.with_modality_scale(audio=(keep_a * scale).to(device), visual=(keep_v * scale).to(device))
+
+    def _add_theta_gradient(self, trainer: Trainer, task: LightningModule, feats: Any, batch: dict[str, Any]) -> None:
+        """Hooks adding ``theta * d(theta)/d(f)`` to the gradient of each feature tensor ``f`` of ``feats``."""
+        names = [f.name for f in fields(feats) if isinstance(getattr(feats, f.name), Tensor)
+                 and getattr(feats, f.name).requires_grad and getattr(feats, f.name).is_floating_point()]
+        leaves = {n: getattr(feats, n).detach().requires_grad_() for n in names}
+        with torch.enable_grad(), eval_mode(task), _forward_context(trainer):
+            outputs = task.unimodal_outputs(replace(feats, **leaves), batch)
+            keep = present_samples(batch, feats.batch_size, feats.visual.device)
+            s_a, s_v = (task.sample_scores(outputs[m], batch).float().reshape(-1)[keep].sum()
+                        for m in ("audio", "visual"))
+            theta = opm_theta(s_a, s_v, self.q_base, self.lam, feats.audio.shape[-1], feats.visual.shape[-1])
+        if not theta.requires_grad:
+            return
+        extra = torch.autograd.grad(theta, list(leaves.values()), grad_outputs=theta.detach(), allow_unused=True)
+        for name, g in zip(names, extra):
+            if g is not None:
+                getattr(feats, name).register_hook(lambda grad, g=g: grad + g.to(grad.dtype))
 
     def _masks(self, size: int, q_a: float, q_v: float, batch: dict[str, Any], call: int) -> tuple[Tensor, Tensor]:
         gen = shared_generator("cpu", self.seed, call, rank() + 1)  # per rank: different samples

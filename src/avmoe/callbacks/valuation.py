@@ -14,9 +14,9 @@ They are logged (TensorBoard histograms ``valuation/phi_audio``/``phi_visual`` a
 rebuilt through :meth:`AVDataModule.set_train_plan` (all originals plus uni-modal copies):
 
 - ``sample`` level: per sample and modality u, copies in which only u is kept: 1 if ``0.4 < phi_u < 1``,
-  2 if ``-0.1 < phi_u <= 0.4``, 3 if ``phi_u <= -0.1`` (official bands; the boundaries, never hit by the
-  official discrete values, are assigned here);
-- ``modality`` level: over a random ``part_ratio`` subset, ``gap_u = 1 - mean(phi_u)``; ``int(|gap_a - gap_v|
+  2 if ``-0.1 < phi_u < 0.4``, 3 if ``phi_u < -0.1`` and none otherwise (the official strict inequalities:
+  the boundaries 0.4 and -0.1, reachable with fractional correctness such as AVE's, give no copy);
+- ``modality`` level: over a random ``part_ratio`` subset (drawn with replacement, as official), ``gap_u = 1 - mean(phi_u)``; ``int(|gap_a - gap_v|
   * 2/3 * alpha * N)`` random samples (with replacement) are copied keeping only the modality with the
   larger gap.
 
@@ -51,7 +51,6 @@ from avmoe.callbacks.ogm import _forward_context, check_contract, eval_mode
 from avmoe.datamodules.batch import INDEX, SKIPPED, batch_size, collate
 
 Resample = Literal["sample", "modality", "none"]
-SAMPLE_BANDS = ((1.0, 0), (0.4, 1), (-0.1, 2))  # phi >= 1: 0 copies; > 0.4: 1; > -0.1: 2; else 3
 
 
 def shapley_contributions(correct_av: Tensor, correct_a: Tensor, correct_v: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,11 +60,13 @@ def shapley_contributions(correct_av: Tensor, correct_a: Tensor, correct_v: Tens
 
 
 def sample_level_copies(phi: np.ndarray) -> np.ndarray:
-    """Uni-modal copies per sample from its contribution (official bands of ``AV_KS_Dataset_sample_level``)."""
-    copies = np.full(phi.shape, 3, dtype=np.int64)
-    for threshold, count in reversed(SAMPLE_BANDS):
-        copies[phi > threshold] = count
-    copies[phi >= SAMPLE_BANDS[0][0]] = 0
+    """Uni-modal copies per sample from its contribution, with the official strict inequalities
+    (``AV_KS_Dataset_sample_level``, ``code/datasets/dataloader.py``): 1 if ``0.4 < phi < 1``, 2 if
+    ``-0.1 < phi < 0.4``, 3 if ``phi < -0.1``, else 0, so the boundaries 0.4, -0.1 and phi >= 1 get none."""
+    copies = np.zeros(phi.shape, dtype=np.int64)
+    copies[(phi > 0.4) & (phi < 1.0)] = 1
+    copies[(phi > -0.1) & (phi < 0.4)] = 2
+    copies[phi < -0.1] = 3
     return copies
 
 
@@ -79,9 +80,13 @@ def sample_level_plan(index: np.ndarray, phi_a: np.ndarray, phi_v: np.ndarray,
 
 
 def modality_level_plan(index: np.ndarray, phi_a: np.ndarray, phi_v: np.ndarray, num_samples: int,
-                        part_ratio: float, alpha: float, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """``(indices, audio_mask, visual_mask)`` of the modality-level variant (see module docstring)."""
-    part = rng.choice(len(index), size=max(1, int(part_ratio * len(index))), replace=False)
+                        part_ratio: float, alpha: float, rng: np.random.Generator,
+                        part_replace: bool = True) -> tuple[np.ndarray, ...]:
+    """``(indices, audio_mask, visual_mask)`` of the modality-level variant (see module docstring).
+
+    The ``part_ratio`` subset is drawn with replacement as the official ``np.random.choice(N, num)``
+    (``code/modality_level.py``); ``part_replace=False`` draws distinct samples."""
+    part = rng.choice(len(index), size=max(1, int(part_ratio * len(index))), replace=part_replace)
     gap_a, gap_v = 1.0 - float(phi_a[part].mean()), 1.0 - float(phi_v[part].mean())
     count = int(abs(gap_a - gap_v) * (2.0 / 3.0) * alpha * num_samples)
     picked = index[rng.integers(0, len(index), count)] if count else np.zeros(0, dtype=np.int64)
@@ -110,6 +115,8 @@ class ModalityValuation(Callback):
             ``warmup_epochs - 1`` (official 5).
         part_ratio: modality level: fraction of the valued samples averaged for the gaps (official 0.2).
         alpha: modality level: scale of the number of copies (official 1).
+        part_replace: modality level: draw the ``part_ratio`` subset with replacement (official
+            ``np.random.choice``); False draws distinct samples.
         correct_threshold: None uses the task's ``sample_correct`` as is (fractional for AVE segments);
             a value turns it into 0/1 (``correct >= threshold``), the official discrete value function.
         batch_size: valuation batch size; None uses the DataModule's eval batch size.
@@ -127,6 +134,7 @@ class ModalityValuation(Callback):
         warmup_epochs: int = 5,
         part_ratio: float = 0.2,
         alpha: float = 1.0,
+        part_replace: bool = True,
         correct_threshold: Optional[float] = None,
         batch_size: Optional[int] = None,
         num_workers: Optional[int] = None,
@@ -145,6 +153,7 @@ class ModalityValuation(Callback):
         self.warmup_epochs = warmup_epochs
         self.part_ratio = part_ratio
         self.alpha = alpha
+        self.part_replace = part_replace
         self.correct_threshold = correct_threshold
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -223,14 +232,7 @@ class ModalityValuation(Callback):
         return correct
 
     def _loader(self, trainer: Trainer) -> DataLoader:
-        dm = trainer.datamodule
-        dataset = dm.dataset("train")
-        sampler = (DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=False)
-                   if is_distributed() else None)
-        size = self.batch_size or getattr(dm, "eval_batch_size", None) or getattr(dm, "batch_size", 1)
-        workers = self.num_workers if self.num_workers is not None else getattr(dm, "num_workers", 0)
-        return DataLoader(dataset, batch_size=size, shuffle=False, sampler=sampler, num_workers=workers,
-                          collate_fn=collate, drop_last=False)
+        return split_loader(trainer.datamodule, "train", self.batch_size, self.num_workers)
 
     # ---- re-sampling --------------------------------------------------------------------------------------
     def _replan(self, trainer: Trainer, table: dict[str, Tensor], epoch: int) -> None:
@@ -242,7 +244,8 @@ class ModalityValuation(Callback):
             plan = sample_level_plan(index, phi_a, phi_v, num)
         else:
             rng = np.random.default_rng(mix_seed(self.seed, epoch))
-            plan = modality_level_plan(index, phi_a, phi_v, num, self.part_ratio, self.alpha, rng)
+            plan = modality_level_plan(index, phi_a, phi_v, num, self.part_ratio, self.alpha, rng,
+                                       self.part_replace)
         dm.set_train_plan(*plan)
         _request_train_reload(trainer)
         self.summary.update({"plan_size": float(len(plan[0])),
@@ -274,6 +277,19 @@ class ModalityValuation(Callback):
         self.valued_epoch = int(state_dict.get("valued_epoch", -1))
         self.table = state_dict.get("table")
         self.summary = dict(state_dict.get("summary", {}))
+
+
+def split_loader(dm: Any, split: str, batch_size: Optional[int], num_workers: Optional[int]) -> DataLoader:
+    """An unshuffled loader over ``dm.dataset(split)``, sharded over the DDP ranks (``DistributedSampler`` pads by
+    repeating samples: de-duplicate the gathered rows by sample index). Defaults: the DataModule's eval batch
+    size and workers."""
+    dataset = dm.dataset(split)
+    sampler = (DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=False)
+               if is_distributed() else None)
+    size = batch_size or getattr(dm, "eval_batch_size", None) or getattr(dm, "batch_size", 1)
+    workers = num_workers if num_workers is not None else getattr(dm, "num_workers", 0)
+    return DataLoader(dataset, batch_size=size, shuffle=False, sampler=sampler, num_workers=workers,
+                      collate_fn=collate, drop_last=False)
 
 
 def _request_train_reload(trainer: Trainer) -> None:

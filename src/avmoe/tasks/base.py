@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, TypeVar
+from typing import Any, Callable, Iterator, Literal, Optional, Protocol, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule
@@ -51,6 +51,20 @@ Batch = dict[str, Any]
 Outputs = dict[str, Tensor]
 FeatureHook = Callable[["AVTask", BackboneOutput, Batch], BackboneOutput]
 LossHook = Callable[["AVTask", Outputs, Batch, dict[str, Tensor]], dict[str, Tensor]]
+
+
+class GradientPolicy(Protocol):
+    """Replaces the module's backward for methods that need per-loss gradients (MMPareto).
+
+    ``training_losses`` may add named loss terms to a training step (they are summed into the loss and logged);
+    ``backward`` then receives the loss Lightning would backpropagate (divided for accumulation, scaled by AMP)
+    together with the named terms it is the sum of, and must leave the gradients in ``.grad``.
+    """
+
+    def training_losses(self, task: "AVTask", feats: BackboneOutput, outputs: "Outputs", batch: "Batch",
+                        losses: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def backward(self, task: "AVTask", loss: Tensor, terms: dict[str, Tensor]) -> None: ...
 C = TypeVar("C")
 OMITTED_KEY = "omitted_frozen_prefixes"  # checkpoint entry naming the encoder weights left out of it
 MEMBERS_KEY = "multitask_members"  # multitask checkpoints: what each member task's own checkpoint hook stored
@@ -87,15 +101,17 @@ class OptimConfig:
     """StepLR factor applied every ``step_size`` epochs."""
 
 
-UNIMODAL_MODES = ("zero", "aux")
+UNIMODAL_MODES = ("zero", "split", "aux")
 
 
 @dataclass
 class UnimodalConfig:
     """Where the per-modality predictions (OGM/OPM scores, valuation) come from."""
 
-    mode: Literal["zero", "aux"] = "zero"
+    mode: Literal["zero", "split", "aux"] = "zero"
     """``zero``: the task head with the other modality's features zeroed (any head, no extra parameters);
+    ``split``: the official split of a linear fusion of concatenated features, ``x_u W_u^T + b/2`` at that layer
+    (OGM-GE ``main.py``, BML ``Classifier.py``; only heads that have one: AVQA's ``fusion``);
     ``aux``: auxiliary uni-modal heads (one per modality, on that modality's features) trained with their own
     losses next to the task loss."""
     aux_weight: float = 1.0
@@ -175,6 +191,8 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
         self.loss_hooks: list[LossHook] = []
         self.record_steps = False
         self.last_step: Optional[StepRecord] = None
+        self.gradient_policy: Optional[GradientPolicy] = None  # set by a callback (MMPareto)
+        self._policy_terms: Optional[dict[str, Tensor]] = None  # the named terms of the loss handed to backward
         self._prediction_records: list[dict[str, Any]] = []
         self.eval_setting: Optional[EvalSetting] = None  # robustness condition of val/test/predict batches
 
@@ -272,6 +290,8 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
         """Outputs of each modality alone, by ``mode`` (default ``unimodal.mode``): ``zero`` runs the task head with
         the other modality's features zeroed, ``aux`` runs the auxiliary heads."""
         mode = mode or self.unimodal.mode
+        if mode == "split":
+            return self._split_unimodal_outputs(feats, batch)
         if mode == "aux":
             if self.unimodal_heads is None:
                 raise RuntimeError(f"{type(self).__name__}: auxiliary heads are not built (unimodal.mode is "
@@ -279,6 +299,33 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
             return {m: self.unimodal_head_forward(m, feats, batch) for m in MODALITIES}
         return {"audio": self.head_forward(feats.drop("visual"), batch),
                 "visual": self.head_forward(feats.drop("audio"), batch)}
+
+    def split_fusion(self) -> Optional[tuple[nn.Linear, dict[str, slice]]]:
+        """The head's linear fusion of concatenated features and each modality's input columns, or None."""
+        head = getattr(self, "head", None)
+        return head.split_fusion() if hasattr(head, "split_fusion") else None
+
+    def _split_unimodal_outputs(self, feats: BackboneOutput, batch: Batch) -> dict[str, Outputs]:
+        """Each modality's outputs with the fusion layer replaced by ``x_u W_u^T + b/2`` (official split head)."""
+        split = self.split_fusion()
+        if split is None:
+            raise ValueError(f"unimodal.mode: split needs a head whose modalities meet in a linear layer on "
+                             f"concatenated features; {type(self).__name__}'s head has none (use zero or aux)")
+        layer, columns = split
+        out = {}
+        for modality in MODALITIES:
+            cols = columns[modality]
+
+            def own_half(module: nn.Module, args: tuple, _: Tensor, cols: slice = cols) -> Tensor:
+                bias = None if module.bias is None else module.bias / len(columns)
+                return nn.functional.linear(args[0][..., cols], module.weight[:, cols], bias)
+
+            handle = layer.register_forward_hook(own_half)
+            try:
+                out[modality] = self.head_forward(feats, batch)
+            finally:
+                handle.remove()
+        return out
 
     def build_unimodal_heads(self) -> None:
         """Create the auxiliary heads when ``unimodal.mode`` is ``aux`` (subclasses call it once the head exists)."""
@@ -324,6 +371,9 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
         if batch_size(batch) == 0:  # every clip of this batch failed to decode under the skip policy
             return self.empty_step_loss()
         feats, outputs, losses = self.training_losses(batch)
+        if self.gradient_policy is not None:
+            losses = self.gradient_policy.training_losses(self, feats, outputs, batch, losses)
+            self._policy_terms = {**losses, "load_balance": feats.aux_loss}
         loss = torch.stack(list(losses.values())).sum() + feats.aux_loss
         bs = batch_size(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -334,6 +384,14 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
         if self.record_steps:
             self.last_step = StepRecord(feats.detach(), {k: v.detach() for k, v in outputs.items()}, batch)
         return loss
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward, or the gradient policy's when one is plugged in (it sees the loss's named terms)."""
+        terms, self._policy_terms = self._policy_terms, None
+        if self.gradient_policy is not None and terms is not None:
+            self.gradient_policy.backward(self, loss, terms)
+            return
+        super().backward(loss, *args, **kwargs)
 
     def eval_update(self, batch: Batch, split: str) -> tuple[Tensor, Outputs]:
         """Forward one evaluation batch, update the ``split`` metrics; returns (summed loss, outputs)."""

@@ -154,6 +154,11 @@ class AVQAHead(nn.Module):
         return {"audio": [self.audio_fc1, self.audio_fc2, self.audio_attn],
                 "visual": [self.grounding_fc, self.visual_attn]}
 
+    def split_fusion(self) -> tuple[nn.Linear, dict[str, slice]]:
+        """``fusion`` reads ``[audio; visual]`` (d columns each): the layer the official split head slices."""
+        d = self.fusion.in_features // 2
+        return self.fusion, {"audio": slice(0, d), "visual": slice(d, 2 * d)}
+
     def project_audio(self, audio: Tensor) -> Tensor:  # (B, T, Ca) -> (B, T, d)
         return self.audio_fc2(F.relu(self.audio_fc1(audio)))
 

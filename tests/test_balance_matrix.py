@@ -1,0 +1,128 @@
+"""The test matrix: every balancing callback x every task (AVE, AVVP, AVS, AVQA) x {1 process, 2-process DDP}.
+
+Short real fits (Lightning Trainer, the task's demo config, real decoded clips; 2 epochs of 1 optimizer step):
+
+- 1 process, every callback x task: the fit acts (its parameters differ from the same fit without the
+  callback, its own counter is non-zero, it logged its statistics) and stays finite;
+- 1 process, per task, every callback at once: the epoch-0 checkpoint resumed for epoch 1 ends with exactly the
+  parameters of the straight run (every callback's checkpointed state and RNG streams restored);
+- 2-process DDP (gloo), per task, every callback at once: both replicas end bit-identical (the baseline too),
+  every callback acted on both ranks (the same non-zero counter of each) and the parameters differ from the
+  DDP baseline. A callback that edits gradients or weights from rank-local statistics or noise would make the
+  replicas differ whatever the others do, so one fit per task covers all of them.
+
+Cost control: all DDP fits run inside one pair of rank processes (``tests/balance_matrix.py``: each rank loops
+over every task and callback; the gloo group is created once), decoded clips are memoised per process, and the
+resume check runs once per task on the fit with every callback. The settings of each callback (shortened
+windows and warm-ups) are in ``tests/balance_matrix.py`` ``CALLBACKS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import balance_matrix
+from tests.helpers import REPO, TASK_CASES, task_config_problem
+
+TASKS = list(TASK_CASES)
+METHODS = list(balance_matrix.CALLBACKS)
+
+
+@pytest.fixture(scope="module")
+def releases(request) -> dict[str, str]:
+    out = {}
+    for task in TASKS:
+        problem = task_config_problem(task)
+        if problem:
+            pytest.skip(problem)
+        out[task] = str(request.getfixturevalue(TASK_CASES[task][1]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process(releases, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("matrix1")
+    return balance_matrix.run_all({"releases": releases, "root": str(root), "devices": 1, "methods": METHODS,
+                                   "resume": True})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes(releases, tmp_path_factory) -> tuple[dict, dict]:
+    root = tmp_path_factory.mktemp("matrix2")
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"releases": releases, "root": str(root), "devices": 2, "methods": []}))
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LOCAL_RANK": str(rank),
+               "NODE_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.balance_matrix", str(spec)], env=env, cwd=root,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-4000:]
+    return tuple(json.loads((root / f"results_rank{r}.json").read_text()) for r in (0, 1))
+
+
+def _check(failures: list[str], cell: str, ok: bool, why: str) -> None:
+    if not ok:
+        failures.append(f"{cell}: {why}")
+
+
+# One test per process layout, each checking every cell (a failure lists them all): the module-scoped runs must
+# happen once, and pytest-xdist would run each parametrized test's fixture again on every worker.
+@pytest.mark.slow
+def test_every_callback_on_every_task_single_process(single_process):
+    failures: list[str] = []
+    for task in TASKS:
+        base = single_process[f"{task}/baseline"]
+        for method in METHODS:
+            run, cell = single_process[f"{task}/{method}"], f"{task} x {method}"
+            _check(failures, cell, run["finite"], "non-finite parameters")
+            _check(failures, cell, run["counters"][0] > 0, f"its counter is {run['counters'][0]}")
+            _check(failures, cell, run["sha"] != base["sha"], "parameters equal to the fit without it")
+            prefix = {"ogm_ge": "ogm"}.get(method, method)
+            _check(failures, cell, prefix in run["logged"], f"logged nothing under {prefix}/ ({run['logged']})")
+        run, resumed, cell = single_process[f"{task}/all"], single_process[f"{task}/all/resumed"], f"{task} x all"
+        _check(failures, cell, all(c > 0 for c in run["counters"]), f"counters {run['counters']}")
+        _check(failures, cell, resumed["counters"] == run["counters"], "resumed counters differ")
+        _check(failures, cell, resumed["sha"] == run["sha"], "the resumed run differs from the straight run")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_every_callback_on_every_task_two_process_ddp(two_processes):
+    rank0, rank1 = two_processes
+    failures: list[str] = []
+    for task in TASKS:
+        base, run, other = rank0[f"{task}/baseline"], rank0[f"{task}/all"], rank1[f"{task}/all"]
+        cell = f"{task} x all (DDP)"
+        _check(failures, cell, rank1[f"{task}/baseline"]["sha"] == base["sha"], "baseline replicas diverged")
+        _check(failures, cell, other["sha"] == run["sha"], "replicas diverged")
+        _check(failures, cell, run["finite"] and run["sha"] != base["sha"], "did not act (or non-finite)")
+        _check(failures, cell, run["counters"] == other["counters"], f"ranks decided differently {run['counters']} "
+                                                                      f"vs {other['counters']}")
+        _check(failures, cell, all(c > 0 for c in run["counters"]), f"{dict(zip(METHODS, run['counters']))}")
+    assert not failures, "\n".join(failures)
