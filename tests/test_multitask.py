@@ -282,9 +282,9 @@ def test_ddp_two_processes_replicas_identical_and_undrawn_member_unchanged(ave_r
 
 
 def test_balancing_callbacks_on_the_multitask_module(ave_release, llp_release, tmp_path):
-    """OGM-GE acts through the member of each step's batch; valuation refuses at fit start (it re-samples one
-    AVDataModule's train set, which a multitask DataModule does not have)."""
-    from avmoe.callbacks import OGMGE, ModalityValuation
+    """OGM-GE acts through the member of each step's batch; valuation, D&R and MMPareto refuse at fit start
+    (the first two read one AVDataModule's train set, MMPareto's per-loss gradients assume one task's terms)."""
+    from avmoe.callbacks import OGMGE, MMPareto, ModalityValuation, Relearning
 
     torch.manual_seed(0)
     model = _module()
@@ -295,10 +295,13 @@ def test_balancing_callbacks_on_the_multitask_module(ave_release, llp_release, t
     trainer.fit(model, datamodule=dm)
     logged = {k for k in trainer.callback_metrics if k.startswith(ogm.prefix)}
     assert logged, "OGM-GE logged no statistic on the multitask module"
-    with pytest.raises(TypeError, match="needs an AVDataModule"):
-        Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                limit_val_batches=0, default_root_dir=tmp_path,
-                callbacks=[ModalityValuation()]).fit(_module(), datamodule=_datamodule(ave_release, llp_release))
+    for callback, error, match in ((ModalityValuation(), TypeError, "needs an AVDataModule"),
+                                   (Relearning(), TypeError, "needs an AVDataModule"),
+                                   (MMPareto(), ValueError, "not supported on a multitask")):
+        with pytest.raises(error, match=match):
+            Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path,
+                    callbacks=[callback]).fit(_module(), datamodule=_datamodule(ave_release, llp_release))
 
 
 def test_figures_timelines_segments_and_embeddings(ave_release, llp_release, tmp_path):

@@ -220,6 +220,12 @@ class MultitaskModule(AVTask):
             losses = hook(self, outputs, batch, losses)
         return feats, outputs, losses
 
+    def on_fit_start(self) -> None:
+        if self.gradient_policy is not None:  # registered by its callback's on_fit_start, which runs first
+            raise ValueError(f"MultitaskModule: {type(self.gradient_policy).__name__} is not supported on a multitask "
+                             "module (its per-loss gradients assume one task's loss terms summed unweighted, while "
+                             "a multitask step weights one sampled task's loss); use it on a single-task run")
+
     def weighted(self, name: str, loss: Tensor) -> Tensor:
         """The task loss as it enters the objective (static weight, or uncertainty weighting)."""
         if self.log_vars is None:
