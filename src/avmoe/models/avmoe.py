@@ -186,9 +186,18 @@ class AVMoEBackbone(nn.Module):
 
     @torch.no_grad()
     def encode_visual_plain(self, video: Tensor) -> Tensor:
-        """Final Swin tokens (B, T, Nv, Cv) without any adapter (the library forward; e.g. AVQA negatives)."""
+        """Final Swin tokens (B, T, Nv, Cv) without any adapter (e.g. AVQA negatives): the library forward, or its
+        blocks through the fast path when ``fast`` is on."""
         b, t = video.shape[:2]
-        tokens = self.visual_encoder(pixel_values=self.preprocess_video(video)).last_hidden_state
+        if not self.config.fast:
+            tokens = self.visual_encoder(pixel_values=self.preprocess_video(video)).last_hidden_state
+            return tokens.view(b, t, *tokens.shape[1:])
+        tokens, hw = swin.embed(self.visual_encoder, self.preprocess_video(video))  # (M, N0, C0)
+        for stage in self._vstages:
+            for vblk in stage.blocks:
+                tokens = self._visual_block(vblk, tokens, hw)
+            tokens, hw = swin.downsample(stage, tokens, hw)  # the last stage has none
+        tokens = swin.final_norm(self.visual_encoder, tokens)
         return tokens.view(b, t, *tokens.shape[1:])
 
     # ----------------------------------------------------------------------------------------------------- forward
