@@ -319,9 +319,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     device = device_for(args)
     task = make_task(args.tiny, device)
     params = [p for p in task.parameters() if p.requires_grad]
+    optimizers: dict[bool, torch.optim.Optimizer] = {}  # rows with the same Adam share it (memory)
 
     def runner_for(row: Row, batch: dict) -> Callable[[], None]:
-        opt = torch.optim.Adam(params, lr=1e-4, fused=row.fused_adam or None)  # plain: the default
+        if row.fused_adam not in optimizers:  # plain: torch's default Adam
+            optimizers[row.fused_adam] = torch.optim.Adam(params, lr=1e-4, fused=row.fused_adam or None)
+        opt = optimizers[row.fused_adam]
 
         def run() -> None:
             apply_row(task, row)
