@@ -1,11 +1,19 @@
-"""Time the AVE training step of AVMoE (backbone + head + losses + Adam step), no data loading.
+"""Time the AVE training step of AVMoE (backbone + CMBS head + losses + Adam step), plain vs each optimisation.
 
-Paper scale by default (Swin-V2-L/192 + HTS-AT tiny, official AVE adapters, random weights), batches of 2 and 8
-clips (20 and 80 frames), fp32 and bf16 autocast. Reports frames/s and peak GPU memory as a markdown table.
+One process, one model (same weights): each row switches one optimisation on top of the previous row, and the
+rows are stepped in turn (round robin) so that load from other processes spreads over all of them; the median
+step time is reported. Rows: ``plain`` (library attention blocks, for-loop Adam), ``+fast attention`` (fused
+window attention with cached frozen constants: ``backbone.fast``), ``+fused Adam``, ``+compile`` (regional
+``torch.compile``: ``backbone.compile``; default on CUDA, ``--compile`` on a CPU), each precision in
+``--precision``, and ``official`` (the official AVMoE AVE code from a local checkout, ``--official ROOT``).
 
-    python bench/train_step.py                       # on a GPU: the BENCHMARKS.md table
-    python bench/train_step.py --tiny --device cpu   # smoke run of the same code path (tests use this)
+    python bench/train_step.py                                       # on a GPU: the BENCHMARKS.md table
+    python bench/train_step.py --device cpu --clips 1 --official /path/to/AVMOE-checkout
+    python bench/train_step.py --tiny --device cpu                   # smoke run (tests use this)
 
+Columns: median s/step, frames/s (clips x 10 / s), speed-up over ``plain``, peak memory (GPU:
+``max_memory_allocated``; CPU: peak resident set size sampled during the steps), and on a GPU the model FLOP
+utilisation from ``torch.utils.flop_counter`` (``--peak-tflops``, default by GPU name) and the compile time.
 Reference for scale (official AVMoE code on an H100, random weights, no data loading): 84 frames/s (8 clips,
 fp32, 51.3 GiB peak), 101 frames/s (8 clips, bf16 autocast, 43.5 GiB), 40 frames/s (2 clips, fp32, 14.5 GiB).
 """
@@ -14,28 +22,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import sys
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
-from avmoe.models.config import AVMoEConfig
-from avmoe.models.heads.ave import AVEHeadConfig
-from avmoe.models.presets import tiny_config
-from avmoe.tasks.ave import AVETask
-from avmoe.tasks.base import OptimConfig
+if __package__ in (None, ""):  # run as a script: make `bench.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from avmoe.models.config import AVMoEConfig  # noqa: E402
+from avmoe.models.heads.ave import AVEHeadConfig  # noqa: E402
+from avmoe.models.presets import tiny_config  # noqa: E402
+from avmoe.tasks.ave import AVETask  # noqa: E402
+from avmoe.tasks.base import OptimConfig  # noqa: E402
 
 T = 10  # segments per AVE clip
+PEAK_TFLOPS = {"H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0)}  # (bf16, tf32) dense
+
+
+@dataclass
+class Row:
+    """One configuration: what is switched on (cumulative from ``plain``)."""
+
+    name: str
+    fast: bool = False
+    fused_adam: bool = False
+    compile: bool = False
+    precision: str = "32-true"
 
 
 @dataclass
 class Result:
+    name: str
     clips: int
     precision: str
-    frames_per_s: float
     s_per_step: float
+    frames_per_s: float
     peak_gib: float
+    speedup: float = 1.0
+    mfu: Optional[float] = None
+    compile_s: Optional[float] = None
+    times: list[float] = field(default_factory=list)
 
 
 def make_task(tiny: bool, device: torch.device) -> AVETask:
@@ -56,10 +90,12 @@ def make_batch(task: AVETask, clips: int, device: torch.device) -> dict:
     }
 
 
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+
+
 def step(task: AVETask, opt: torch.optim.Optimizer, batch: dict, precision: str) -> None:
-    device_type = batch["video"].device.type
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
-    with ctx:
+    with autocast(batch["video"].device, precision):
         feats, out = task(batch)
         loss = torch.stack(list(task.compute_losses(out, batch).values())).sum() + feats.aux_loss
     opt.zero_grad(set_to_none=True)
@@ -67,48 +103,235 @@ def step(task: AVETask, opt: torch.optim.Optimizer, batch: dict, precision: str)
     opt.step()
 
 
-def measure(task: AVETask, clips: int, precision: str, warmup: int, iters: int) -> Result:
-    device = next(task.parameters()).device
-    opt = torch.optim.Adam([p for p in task.parameters() if p.requires_grad], lr=1e-4)
-    batch = make_batch(task, clips, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step(task, opt, batch, precision)
-    sync()
+def apply_row(task: AVETask, row: Row) -> None:
+    """Switch the backbone's fast path and regional compilation to the row's setting (same weights)."""
+    backbone = task.backbone
+    backbone.config.fast = row.fast
+    for unit in backbone._compiled.values():
+        unit.enabled = row.compile
+
+
+def rows_for(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    compile_on = args.compile if args.compile is not None else device.type == "cuda"
+    rows = []
+    for precision in args.precision:
+        tag = "" if precision == "32-true" else f" {precision}"
+        rows += [Row("plain" + tag, precision=precision),
+                 Row("+fast attention" + tag, fast=True, precision=precision),
+                 Row("+fused Adam" + tag, fast=True, fused_adam=True, precision=precision)]
+        if compile_on:
+            rows.append(Row("+compile" + tag, fast=True, fused_adam=True, compile=True, precision=precision))
+    return rows
+
+
+class PeakRSS:
+    """Peak resident set size of this process, sampled every few ms in a thread (CPU memory column)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.002)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(seconds, peak GiB) of one call."""
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        fn()
+        took = time.perf_counter() - start
+    return took, rss.peak / 2**30
+
+
+def flops_of(fn: Callable[[], None]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, precision: str, override: Optional[float]) -> Optional[float]:
+    if override:
+        return override
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return bf16 if precision == "bf16-mixed" else tf32
+    return None
+
+
+def run_rows(
+    runners: dict[str, Callable[[], None]], warmup: int, iters: int, device: torch.device
+) -> dict[str, tuple[list[float], float]]:
+    """Warm every runner up, then step them round robin ``iters`` times: name -> (step times, peak GiB)."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    peaks: dict[str, float] = {k: 0.0 for k in runners}
     for _ in range(iters):
-        step(task, opt, batch, precision)
-    sync()
-    took = (time.perf_counter() - start) / iters
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return Result(clips, precision, clips * T / took, took, peak)
+        for name, fn in runners.items():
+            took, peak = timed(fn, device)
+            times[name].append(took)
+            peaks[name] = max(peaks[name], peak)
+    return {k: (times[k], peaks[k]) for k in runners}
+
+
+def summarise(name: str, clips: int, precision: str, times: list[float], peak: float) -> Result:
+    med = statistics.median(times)
+    return Result(name, clips, precision, med, clips * T / med, peak, times=times)
+
+
+def print_table(results: list[Result], device_name: str, gpu: bool) -> None:
+    head = "| device | row | clips (frames) | precision | s/step (median) | frames/s | vs plain | peak GiB |"
+    sep = "|---|---|---|---|---|---|---|---|"
+    if gpu:
+        head, sep = head + " MFU | compile s |", sep + "---|---|"
+    print(head + "\n" + sep)
+    for r in results:
+        line = (f"| {device_name} | {r.name} | {r.clips} ({r.clips * T}) | {r.precision} | {r.s_per_step:.3f} "
+                f"| {r.frames_per_s:.1f} | {r.speedup:.2f}x | {r.peak_gib:.2f} |")
+        if gpu:
+            mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
+            comp = "-" if r.compile_s is None else f"{r.compile_s:.1f}"
+            line += f" {mfu} | {comp} |"
+        print(line)
+
+
+def print_vs_official(results: list[Result]) -> None:
+    """Speed of each row relative to the official code at the same batch (official s/step / row s/step)."""
+    for clips in sorted({r.clips for r in results}):
+        same = [r for r in results if r.clips == clips]
+        official = next((r for r in same if r.name == "official"), None)
+        if official is None:
+            continue
+        ratios = ", ".join(f"{r.name}: {official.s_per_step / r.s_per_step:.2f}x" for r in same if r is not official)
+        print(f"vs official at {clips} clip(s) (official s/step / row s/step): {ratios}")
+
+
+def parser_for(doc: str, clips: list[int]) -> argparse.ArgumentParser:
+    """The command line shared by the training-step and inference benchmarks."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test of the code path)")
+    parser.add_argument("--clips", type=int, nargs="+", default=clips)
+    parser.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the +compile row (default: on CUDA only)")
+    parser.add_argument("--official", help="root of a checkout of the official AVMoE code: adds its row (fp32)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, help="GPU peak for MFU (default: by GPU name)")
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+    return parser
+
+
+def device_for(args: argparse.Namespace) -> torch.device:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 rows (as the GPU presets intend)
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    return device
+
+
+def measure(
+    task: AVETask, rows: list[Row], runners: dict[str, Callable[[], None]], clips: int, device: torch.device,
+    args: argparse.Namespace,
+) -> list[Result]:
+    """Run the rows (and ``official`` if present) round robin; results with speed-up over ``plain``, MFU, compile s."""
+    compile_before = task.backbone.compile_seconds
+    measured = run_rows(runners, args.warmup, args.iters, device)
+    by_name = {row.name: row for row in rows}
+    results = []
+    for name, (times, peak) in measured.items():
+        row = by_name.get(name)
+        result = summarise(name, clips, row.precision if row else "32-true", times, peak)
+        if row and row.compile:
+            result.compile_s = task.backbone.compile_seconds - compile_before
+        if device.type == "cuda":
+            tflops = peak_tflops(device, result.precision, args.peak_tflops)
+            if tflops:
+                result.mfu = flops_of(runners[name]) / result.s_per_step / (tflops * 1e12)
+        results.append(result)
+    base = {r.precision: r.s_per_step for r in results if r.name.startswith("plain")}
+    for r in results:
+        r.speedup = base.get(r.precision, base.get("32-true", r.s_per_step)) / r.s_per_step
+    return results
+
+
+def report(results: list[Result], device: torch.device, json_path: Optional[str]) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print_table(results, name, device.type == "cuda")
+    print_vs_official(results)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([asdict(r) | {"device": name} for r in results], f, indent=2)
+
+
+def run_benchmark(
+    args: argparse.Namespace, task: AVETask, device: torch.device, rows: list[Row],
+    runner_for: Callable[[Row, dict], Callable[[], None]], train: bool,
+) -> list[Result]:
+    """Every batch size: one runner per row (plus ``official``), measured round robin, then the table."""
+    results: list[Result] = []
+    for clips in args.clips:
+        batch = make_batch(task, clips, device)
+        runners = {row.name: runner_for(row, batch) for row in rows}
+        if args.official:
+            from bench.official import official_runner
+
+            runners["official"] = official_runner(args.official, clips, T, train=train, device=device)
+        results += measure(task, rows, runners, clips, device, args)
+    report(results, device, args.json)
+    return results
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test of the code path)")
-    parser.add_argument("--clips", type=int, nargs="+", default=[2, 8])
-    parser.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"])
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    args = parser_for(__doc__, [2, 8]).parse_args(argv)
+    device = device_for(args)
     task = make_task(args.tiny, device)
-    results = [measure(task, c, p, args.warmup, args.iters) for c in args.clips for p in args.precision]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"| device | clips (frames) | precision | frames/s | s/step | peak GiB |\n|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {name} | {r.clips} ({r.clips * T}) | {r.precision} | {r.frames_per_s:.1f} | {r.s_per_step:.3f} "
-              f"| {r.peak_gib:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.__dict__ | {"device": name} for r in results], f, indent=2)
-    return results
+    params = [p for p in task.parameters() if p.requires_grad]
+    optimizers: dict[bool, torch.optim.Optimizer] = {}  # rows with the same Adam share it (memory)
+
+    def runner_for(row: Row, batch: dict) -> Callable[[], None]:
+        if row.fused_adam not in optimizers:  # plain: torch's default Adam
+            optimizers[row.fused_adam] = torch.optim.Adam(params, lr=1e-4, fused=row.fused_adam or None)
+        opt = optimizers[row.fused_adam]
+
+        def run() -> None:
+            apply_row(task, row)
+            step(task, opt, batch, row.precision)
+        return run
+
+    return run_benchmark(args, task, device, rows_for(args, device), runner_for, train=True)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def _library_visual_stages(model: AVMoEBackbone, video: Tensor) -> list[Tensor]:
 @pytest.mark.parametrize("adapter", [{"enabled": False}, {"audio_gate": True}], ids=["no_adapters", "zero_gates"])
 def test_stepped_backbone_equals_library_forward(adapter: dict) -> None:
     torch.manual_seed(0)
-    model = AVMoEBackbone(tiny_config(adapter=adapter)).train()  # adapters in train mode: BN batch statistics
+    # The library path (fast=False) is bit-identical; the fast path is checked in tests/test_fast_paths.py.
+    model = AVMoEBackbone(tiny_config(adapter=adapter, fast=False)).train()  # adapters in train: BN batch stats
     video, audio = _inputs()
     out = model(video, audio)
     with torch.no_grad():
@@ -66,7 +67,7 @@ def test_stepped_backbone_equals_library_forward(adapter: dict) -> None:
 
 
 def test_adapters_change_outputs_once_gates_open() -> None:
-    model = AVMoEBackbone(tiny_config()).eval()
+    model = AVMoEBackbone(tiny_config(fast=False)).eval()  # fast=False: bit-identical to encode_visual_plain
     video, audio = _inputs()
     before = model(video, audio)
     _open_gates(model)
@@ -148,7 +149,7 @@ def test_skip_rule(num_skip: int, stages: list[int]) -> None:
 
 def test_lockstep_order_in_stage_with_ratio_three() -> None:
     """Stage 2 (6 visual / 2 audio blocks): audio block k runs after the attention half of visual block 3k+2."""
-    model = AVMoEBackbone(tiny_config()).eval()
+    model = AVMoEBackbone(tiny_config(fast=False)).eval()  # the library modules' hooks fire on the plain path
     events: list[str] = []
     for j, blk in enumerate(model.visual_encoder.encoder.layers[2].blocks):
         blk.attention.register_forward_hook(lambda *_, j=j: events.append(f"v{j}"))

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbones import htsat, swin
+from .backbones.windows import FrozenCache
+from .compile import RegionalCompile
 from .config import AVMoEConfig
 from .mixup import mix_log_mel
 from .moe import MoEAdapter
@@ -76,6 +78,14 @@ class AVMoEBackbone(nn.Module):
         self.adapters = nn.ModuleDict()  # str(stage) -> ModuleList[PairedAdapters]; absent for skipped stages
         if config.adapter.enabled:
             self._build_adapters()
+        # Frozen-weight constants of the fast path (not state: rebuilt on demand, dropped when weights load).
+        self._frozen_cache = FrozenCache()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.clear_caches())
+        self._compiled = {
+            name: RegionalCompile(fn, config.compile, name)
+            for name, fn in [("swin.window_core", swin.window_core), ("htsat.window_core", htsat.window_core),
+                             ("swin.mlp_half", swin.mlp_half), ("moe_adapter", _moe_call)]
+        }
         self.train(self.training)
 
     # ----------------------------------------------------------------------------------------------- construction
@@ -115,6 +125,16 @@ class AVMoEBackbone(nn.Module):
             self.adapters[str(s)] = nn.ModuleList(positions)
 
     # ---------------------------------------------------------------------------------------------- public helpers
+    def clear_caches(self) -> None:
+        """Drop the cached frozen-weight constants (done after every ``load_state_dict``; call it after editing
+        frozen encoder weights in place by hand)."""
+        self._frozen_cache.clear()
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in calls that compiled a new shape (0 when ``compile`` is off or unsupported)."""
+        return sum(c.compile_seconds for c in self._compiled.values())
+
     @property
     def feature_dims(self) -> dict[str, Any]:
         """Widths, token counts and grids the task heads are built from."""
@@ -166,9 +186,18 @@ class AVMoEBackbone(nn.Module):
 
     @torch.no_grad()
     def encode_visual_plain(self, video: Tensor) -> Tensor:
-        """Final Swin tokens (B, T, Nv, Cv) without any adapter (the library forward; e.g. AVQA negatives)."""
+        """Final Swin tokens (B, T, Nv, Cv) without any adapter (e.g. AVQA negatives): the library forward, or its
+        blocks through the fast path when ``fast`` is on."""
         b, t = video.shape[:2]
-        tokens = self.visual_encoder(pixel_values=self.preprocess_video(video)).last_hidden_state
+        if not self.config.fast:
+            tokens = self.visual_encoder(pixel_values=self.preprocess_video(video)).last_hidden_state
+            return tokens.view(b, t, *tokens.shape[1:])
+        tokens, hw = swin.embed(self.visual_encoder, self.preprocess_video(video))  # (M, N0, C0)
+        for stage in self._vstages:
+            for vblk in stage.blocks:
+                tokens = self._visual_block(vblk, tokens, hw)
+            tokens, hw = swin.downsample(stage, tokens, hw)  # the last stage has none
+        tokens = swin.final_norm(self.visual_encoder, tokens)
         return tokens.view(b, t, *tokens.shape[1:])
 
     # ----------------------------------------------------------------------------------------------------- forward
@@ -234,27 +263,53 @@ class AVMoEBackbone(nn.Module):
         for j, vblk in enumerate(vblocks):
             k, paired = divmod(j, ratio)
             if paired != ratio - 1:  # unpaired visual block: runs whole
-                fv = self._call(swin.block, vblk, fv, hw_v)
+                fv = self._call(self._visual_block, vblk, fv, hw_v)
             elif positions is None:  # paired, no adapters: v and a are independent, order is immaterial
-                fv = self._call(swin.block, vblk, fv, hw_v)
-                fa = self._call(htsat.block, ablocks[k], fa, hw_a)
+                fv = self._call(self._visual_block, vblk, fv, hw_v)
+                fa = self._call(self._audio_block, ablocks[k], fa, hw_a)
             else:
                 fv, fa, w, lb = self._call(self._paired_block, positions[k], vblk, ablocks[k], fv, fa, hw_v, hw_a)
                 weights.extend(w)
                 lbs.append(lb)
         return fv, fa
 
-    @staticmethod
+    # Block dispatch: the library path (``fast`` off) or the fused one; both compute the same function.
+    def _attn_half(self, vblk: nn.Module, fv: Tensor, hw: Grid) -> Tensor:
+        if not self.config.fast:
+            return swin.attn_half(vblk, fv, hw)
+        return swin.attn_half_fast(vblk, fv, hw, self._frozen_cache, self._compiled["swin.window_core"])
+
+    def _mlp_half(self, vblk: nn.Module, fv: Tensor) -> Tensor:
+        return self._compiled["swin.mlp_half"](vblk, fv) if self.config.fast else swin.mlp_half(vblk, fv)
+
+    def _visual_block(self, vblk: nn.Module, fv: Tensor, hw: Grid) -> Tensor:
+        if not self.config.fast:
+            return swin.block(vblk, fv, hw)
+        return self._mlp_half(vblk, self._attn_half(vblk, fv, hw))
+
+    def _audio_block(self, ablk: nn.Module, fa: Tensor, hw: Grid) -> Tensor:
+        if not self.config.fast:
+            return htsat.block(ablk, fa, hw)
+        return htsat.block_fast(ablk, fa, hw, self._frozen_cache, self._compiled["htsat.window_core"])
+
+    def _moe(self, module: MoEAdapter, x: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self._compiled["moe_adapter"](module, x, other)
+
     def _paired_block(
-        pos: PairedAdapters, vblk: nn.Module, ablk: nn.Module, fv: Tensor, fa: Tensor, hw_v: Grid, hw_a: Grid
+        self, pos: PairedAdapters, vblk: nn.Module, ablk: nn.Module, fv: Tensor, fa: Tensor, hw_v: Grid, hw_a: Grid
     ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
         """One paired block with its four MoE modules; router weights returned in the order a1, v1, a2, v2."""
-        ra1, wa1, la1 = pos.a1(fa, fv)  # (M, Na, Ca)
-        rv1, wv1, lv1 = pos.v1(fv, fa)  # (M, Nv, Cv)
-        fv = swin.attn_half(vblk, fv, hw_v) + rv1
-        fa = htsat.block(ablk, fa, hw_a) + ra1
-        ra2, wa2, la2 = pos.a2(fa, fv)
-        rv2, wv2, lv2 = pos.v2(fv, fa)
-        fv = swin.mlp_half(vblk, fv) + rv2
+        ra1, wa1, la1 = self._moe(pos.a1, fa, fv)  # (M, Na, Ca)
+        rv1, wv1, lv1 = self._moe(pos.v1, fv, fa)  # (M, Nv, Cv)
+        fv = self._attn_half(vblk, fv, hw_v) + rv1
+        fa = self._audio_block(ablk, fa, hw_a) + ra1
+        ra2, wa2, la2 = self._moe(pos.a2, fa, fv)
+        rv2, wv2, lv2 = self._moe(pos.v2, fv, fa)
+        fv = self._mlp_half(vblk, fv) + rv2
         fa = fa + ra2
         return fv, fa, (wa1, wv1, wa2, wv2), la1 + lv1 + la2 + lv2
+
+
+def _moe_call(module: MoEAdapter, x: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One MoE adapter call (the unit regional compilation compiles; shared by every adapter module)."""
+    return module(x, other)

@@ -136,4 +136,12 @@ class AVMoEConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The MoE adapters between the two encoders."""
     gradient_checkpointing: bool = False
-    """Recompute each paired block in backward (saves activation memory at ~30% more compute)."""
+    """Recompute each block in backward, frozen unpaired blocks included (saves activation memory, ~30% more
+    compute)."""
+    fast: bool = True
+    """Fused window attention (``scaled_dot_product_attention``) with the frozen position bias, shift mask and
+    q/k/v weights cached once per block; equal to the library forward up to float rounding. False: the library
+    blocks as they are (the reference the fast path is tested against)."""
+    compile: bool = False
+    """Regional ``torch.compile`` of the block types (window attention, Swin MLP half, MoE adapter), compiled once
+    per shape and reused across blocks; eager with a warning where unsupported. On in ``trainer/gpu.yaml``."""

@@ -53,12 +53,19 @@ class TokenMapping(nn.Module):
         self.fc = nn.Linear(other_dim, dim)
 
     def forward(self, other: Tensor) -> Tensor:  # (M, N', C') -> (M, N, C)
-        if self.fc.in_features <= self.fc.out_features:
-            z = torch.matmul(self.token_weight, other) + self.token_bias[:, None]  # (M, N, C')
-            return self.fc(z)  # (M, N, C)
-        z = torch.matmul(self.token_weight, F.linear(other, self.fc.weight))  # (M, N, C)
+        # One (N, N') @ (N', M*c) GEMM over all frames in token-major layout (bias fused into addmm). A 2D @ 3D
+        # ``torch.matmul`` instead clones its transposed operand to fold it and leaves a strided result; its
+        # backward would materialise the (M, N, N') weight gradient if the weight were expanded to a bmm.
+        m, n_src, _ = other.shape
+        tokens = self.token_weight.shape[0]
+        if self.fc.in_features <= self.fc.out_features:  # mix at C', then widen
+            src = other.transpose(0, 1).reshape(n_src, -1)  # (N', M*C')
+            z = torch.addmm(self.token_bias[:, None], self.token_weight, src).view(tokens, m, -1)  # (N, M, C')
+            return self.fc(z).transpose(0, 1).contiguous()  # (M, N, C)
+        src = F.linear(other, self.fc.weight).transpose(0, 1).reshape(n_src, -1)  # narrow first: (N', M*C)
+        z = torch.mm(self.token_weight, src).view(tokens, m, -1)  # (N, M, C)
         bias = self.token_bias[:, None] * self.fc.weight.sum(1) + self.fc.bias  # (N, C)
-        return z + bias
+        return (z + bias[:, None]).transpose(0, 1).contiguous()
 
 
 class Router(nn.Module):
@@ -94,8 +101,9 @@ class LatentTokens(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor, source: Tensor) -> Tensor:  # (M, N, C), (M, N', C) -> (M, N, C)
-        att = torch.matmul(self.tokens, source.transpose(1, 2)).softmax(dim=-1)  # (M, T, N')
-        t = self.tokens + torch.bmm(att, source)  # (M, T, C)
+        # (M*N', C) @ (C, T): one folded GEMM on the contiguous source, softmax over N' on the strided view
+        att = torch.matmul(source, self.tokens.t()).softmax(dim=1)  # (M, N', T)
+        t = self.tokens + torch.bmm(att.transpose(1, 2), source)  # (M, T, C)
         att = torch.bmm(x, t.transpose(1, 2)).softmax(dim=-1)  # (M, N, T)
         return x + self.gate * torch.bmm(att, t)
 

@@ -491,7 +491,7 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.optim.lr, betas=tuple(self.optim.betas),
-                               weight_decay=self.optim.weight_decay)
+                               weight_decay=self.optim.weight_decay, fused=True)  # one kernel for all tensors
         if not self.optim.step_size:
             return opt
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.optim.step_size, gamma=self.optim.gamma)

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import warnings
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from transformers import ClapAudioConfig, ClapAudioModel, ClapModel
 from avmoe._private_api import ClapAudioLayer, ClapAudioStage  # transformers internals: see there
 
 from ..config import AudioEncoderConfig
+from .windows import FrozenCache, attention_dtype, combine_mask, frozen, fused_qkv, shifted_window_attention, tensor_key
 
 Grid = tuple[int, int]
 
@@ -166,6 +168,63 @@ def embed(model: ClapAudioModel, mel: Tensor) -> tuple[Tensor, Grid]:
 def block(layer: ClapAudioLayer, x: Tensor, hw: Grid) -> Tensor:
     """A whole HTS-AT block (pre-norm Swin-V1), called exactly like ``ClapAudioStage`` does. x: (M, N, C)."""
     return layer(x, hw)[0]
+
+
+def window_core(*args: Any) -> Tensor:
+    """This encoder's own entry to :func:`shifted_window_attention` (a separate unit for regional compilation)."""
+    return shifted_window_attention(*args)
+
+
+def relative_bias(layer: ClapAudioLayer) -> Tensor:
+    """Swin-V1 relative position bias of one block, gathered from its table: (heads, L, L), L = w*w."""
+    attn = layer.attention.self
+    length = attn.window_size[0] * attn.window_size[1]
+    bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
+    return bias.view(length, length, -1).permute(2, 0, 1)
+
+
+def attention_mask(layer: ClapAudioLayer, padded: Grid, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive SDPA mask of one block on a padded grid: relative bias + the shift mask (added once, as the library)."""
+    shift_mask = layer.get_attn_mask(padded[0], padded[1], dtype=torch.float32, device=device)
+    return combine_mask(relative_bias(layer).float(), shift_mask, 1).to(dtype)
+
+
+def block_fast(layer: ClapAudioLayer, x: Tensor, hw: Grid, cache: FrozenCache, core: Callable[..., Tensor] | None = None) -> Tensor:
+    """:func:`block` through fused window attention; frozen constants (mask, fused q/k/v) from ``cache``.
+
+    x: (M, N, C). Same window/shift clamping as the library call (``set_shift_and_window_size``), same residual
+    structure (``ClapAudioLayer.forward``); equal up to float rounding.
+    """
+    layer.set_shift_and_window_size(hw)
+    attn = layer.attention.self
+    win, shift = int(layer.window_size), int(layer.shift_size)
+    if win != attn.window_size[0]:  # the library cannot run this either: its bias table is for another window
+        return block(layer, x, hw)
+    padded = (-(-hw[0] // win) * win, -(-hw[1] // win) * win)
+    dtype = attention_dtype(x)
+    table = attn.relative_position_bias_table
+
+    def build_mask() -> Tensor:
+        return attention_mask(layer, padded, dtype, x.device)
+
+    if not table.requires_grad:
+        mask = cache.get(("htsat-mask", id(layer), padded, shift, *tensor_key(table), dtype), build_mask)
+    else:
+        mask = build_mask()
+    if frozen(attn.query, attn.key, attn.value):
+        key = (id(layer), *tensor_key(attn.query.weight))
+        weight = cache.get(("htsat-qkv-w", *key), lambda: fused_qkv(attn.query, attn.key, attn.value)[0])
+        bias = cache.get(("htsat-qkv-b", *key), lambda: fused_qkv(attn.query, attn.key, attn.value)[1])
+    else:
+        weight, bias = fused_qkv(attn.query, attn.key, attn.value)
+    dense = layer.attention.output.dense
+    dropout_p = attn.dropout.p if attn.training else 0.0
+    out = (core or window_core)(
+        layer.layernorm_before(x), hw, win, shift, attn.num_attention_heads, weight, bias, mask, dense.weight,
+        dense.bias, None, attn.attention_head_size**-0.5, dropout_p,
+    )
+    h = x + layer.drop_path(layer.attention.output.dropout(out))
+    return h + layer.output(layer.intermediate(layer.layernorm_after(h)))
 
 
 def downsample(stage: ClapAudioStage, x: Tensor, hw: Grid) -> tuple[Tensor, Grid]:

@@ -7,8 +7,10 @@ The library has no public entry point for "the attention half" of a ``Swinv2Laye
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -17,6 +19,7 @@ from transformers import Swinv2Config, Swinv2Model
 from avmoe._private_api import Swinv2Layer, Swinv2Stage, window_partition, window_reverse  # internals: see there
 
 from ..config import VisualEncoderConfig
+from .windows import FrozenCache, attention_dtype, combine_mask, frozen, fused_qkv, shifted_window_attention, tensor_key
 
 Grid = tuple[int, int]
 
@@ -110,6 +113,68 @@ def attn_half(layer: Swinv2Layer, x: Tensor, hw: Grid) -> Tensor:
     if pad[3] > 0 or pad[5] > 0:
         out = out[:, :height, :width, :].contiguous()
     out = out.view(m, height * width, channels)
+    return x + layer.drop_path(layer.layernorm_before(out))
+
+
+def window_core(*args: Any) -> Tensor:
+    """This encoder's own entry to :func:`shifted_window_attention` (a separate unit for regional compilation)."""
+    return shifted_window_attention(*args)
+
+
+def position_bias(layer: Swinv2Layer) -> Tensor:
+    """Continuous position bias ``16 * sigmoid(cpb_mlp(coords_table))`` of one block: (heads, L, L), L = w*w."""
+    attn = layer.attention.self
+    heads, length = attn.num_attention_heads, attn.window_size[0] * attn.window_size[1]
+    table = attn.continuous_position_bias_mlp(attn.relative_coords_table).view(-1, heads)
+    bias = table[attn.relative_position_index.view(-1)].view(length, length, heads).permute(2, 0, 1)
+    return 16 * torch.sigmoid(bias)
+
+
+def attention_mask(layer: Swinv2Layer, padded: Grid, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive SDPA mask of one block on a padded grid: position bias + twice the library's shift mask.
+
+    (The transformers Swin-V2 attention adds its -100 shift mask twice; folding both into the cached mask keeps
+    the fast path equal to the library at no cost per step.)
+    """
+    shift_mask = layer.get_attn_mask(padded[0], padded[1], dtype=torch.float32, device=device)
+    return combine_mask(position_bias(layer).float(), shift_mask, 2).to(dtype)
+
+
+def attn_half_fast(layer: Swinv2Layer, x: Tensor, hw: Grid, cache: FrozenCache, core: Callable[..., Tensor] | None = None) -> Tensor:
+    """:func:`attn_half` through fused window attention; frozen constants (mask, fused q/k/v) from ``cache``.
+
+    x: (M, H*W, C). Equal to :func:`attn_half` up to float rounding; trainable encoders rebuild the constants
+    every call (with their graph).
+    """
+    attn, win, shift = layer.attention.self, layer.window_size, layer.shift_size
+    padded = (-(-hw[0] // win) * win, -(-hw[1] // win) * win)
+    cpb = attn.continuous_position_bias_mlp
+
+    dtype = attention_dtype(x)
+
+    def build_mask() -> Tensor:
+        return attention_mask(layer, padded, dtype, x.device)
+
+    def build_qkv() -> tuple[Tensor, Tensor]:
+        return fused_qkv(attn.query, attn.key, attn.value)
+
+    if frozen(cpb):
+        mask = cache.get(("swin-mask", id(layer), padded, *tensor_key(cpb[0].weight), dtype), build_mask)
+    else:
+        mask = build_mask()
+    if frozen(attn.query, attn.key, attn.value):
+        weight = cache.get(("swin-qkv-w", id(layer), *tensor_key(attn.query.weight)), lambda: build_qkv()[0])
+        bias = cache.get(("swin-qkv-b", id(layer), *tensor_key(attn.query.weight)), lambda: build_qkv()[1])
+    else:
+        weight, bias = build_qkv()
+    scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (heads, 1, 1), as the library
+    dense = layer.attention.output.dense
+    dropout_p = attn.dropout.p if attn.training else 0.0
+    out = (core or window_core)(
+        x, hw, win, shift, attn.num_attention_heads, weight, bias, mask, dense.weight, dense.bias,
+        scale, 1.0, dropout_p,
+    )
+    out = layer.attention.output.dropout(out)
     return x + layer.drop_path(layer.layernorm_before(out))
 
 

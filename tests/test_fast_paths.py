@@ -1,0 +1,219 @@
+"""The fast paths equal the plain ones: fused window attention vs the library blocks, the fast backbone vs the
+plain backbone for every paper config, cached frozen constants invalidated when they must be, compile fallback."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import Tensor, nn
+
+from avmoe.models import AVMoEBackbone, tiny_config
+from avmoe.models.backbones import htsat, swin
+from avmoe.models.backbones.windows import FrozenCache
+from avmoe.models.compile import RegionalCompile
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*RANDOM weights"), pytest.mark.usefixtures("one_thread")]
+
+CONFIGS = Path(__file__).resolve().parent.parent / "lightning_configs"
+PAPER_TASKS = ["ave", "avvp", "avs_s4", "avs_ms3", "avqa"]
+# Encoder fields of a task config that are behaviour, not size (sizes stay tiny here).
+BEHAVIOUR = ("trainable", "train_mode", "mixup_alpha", "mixup_partner")
+
+
+def _task_backbone(task: str) -> dict:
+    """The backbone section of ``lightning_configs/<task>.yaml`` reduced to adapter + encoder behaviour."""
+    section = yaml.safe_load((CONFIGS / f"{task}.yaml").read_text())["model"]["init_args"]["backbone"]
+    out = {"adapter": section["adapter"]}
+    for enc in ("visual", "audio"):
+        out[enc] = {k: v for k, v in section.get(enc, {}).items() if k in BEHAVIOUR}
+    return out
+
+
+def _perturb_encoders(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial frozen constants: logit scales up to the clamp, larger position-bias MLPs and tables."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("logit_scale"):
+                p.copy_(torch.rand(p.shape, generator=g) * 4.6)
+            elif "continuous_position_bias_mlp" in name or "relative_position_bias_table" in name:
+                p.add_(torch.randn(p.shape, generator=g) * p.std().clamp_min(0.5))
+
+
+def _inputs(b: int = 2, t: int = 3, size: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, t, 3, size, size, generator=g), torch.randn(b, t, 101, 32, generator=g)
+
+
+def _pair(cfg, seed: int = 0) -> tuple[AVMoEBackbone, AVMoEBackbone]:
+    """(plain, fast) backbones with the same weights (open gates, perturbed frozen constants)."""
+    torch.manual_seed(seed)
+    fast = AVMoEBackbone(cfg)
+    with torch.no_grad():
+        for name, p in fast.named_parameters():
+            if name.endswith("gate") or name.endswith("gate_av"):
+                p.fill_(0.5)
+    _perturb_encoders(fast, seed)
+    plain = copy.deepcopy(fast)
+    plain.config = copy.deepcopy(cfg)
+    plain.config.fast = False
+    assert fast.config.fast
+    return plain, fast
+
+
+def _step(model: AVMoEBackbone, video: Tensor, audio: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Train-mode forward + backward: the compared outputs and every gradient."""
+    model.train()
+    torch.manual_seed(1)  # same router noise / mixup draws on both paths
+    out = model(video, audio)
+    loss = sum(s.square().mean() for s in out.visual_stages) + out.audio_tokens.square().mean() + out.aux_loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [*out.visual_stages, out.audio_tokens, *out.router_weights], grads
+
+
+def _assert_same(a: list[Tensor], b: list[Tensor], ga: dict[str, Tensor], gb: dict[str, Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
+    assert ga.keys() == gb.keys() and ga
+    scale = max(g.abs().max() for g in ga.values())  # grads of BN-cancelled biases are rounding noise: absolute
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-3, atol=5e-4 * float(scale), msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------------------------------- per-block exactness
+@pytest.mark.parametrize("image_size", [64, 72], ids=["divisible", "padded"])
+def test_swin_fast_attention_equals_library(image_size: int) -> None:
+    cfg = tiny_config(visual={"image_size": image_size}).visual
+    model = swin.build_swin(cfg).eval().requires_grad_(False)
+    _perturb_encoders(model)
+    cache = FrozenCache()
+    x, hw = swin.embed(model, torch.randn(3, 3, image_size, image_size))
+    seen = set()
+    for stage in model.encoder.layers:
+        for layer in stage.blocks:
+            ref = swin.attn_half(layer, x, hw)
+            torch.testing.assert_close(swin.attn_half_fast(layer, x, hw, cache), ref, rtol=1e-5, atol=1e-5)
+            seen.add((layer.shift_size > 0, hw[0] % layer.window_size > 0))
+            x = swin.mlp_half(layer, ref)
+        x, hw = swin.downsample(stage, x, hw)
+    assert any(s for s, _ in seen) and (image_size == 64 or any(p for _, p in seen))  # shifted, padded blocks ran
+
+
+def test_htsat_fast_block_equals_library() -> None:
+    model = htsat.build_htsat(tiny_config().audio).eval().requires_grad_(False)
+    _perturb_encoders(model)
+    cache = FrozenCache()
+    x, hw = htsat.embed(model, torch.randn(4, 1, 101, 32))
+    for stage in model.audio_encoder.layers:
+        for layer in stage.blocks:
+            ref = htsat.block(layer, x, hw)
+            torch.testing.assert_close(htsat.block_fast(layer, x, hw, cache), ref, rtol=1e-5, atol=1e-5)
+            x = ref
+        x, hw = htsat.downsample(stage, x, hw)
+    assert len(cache) > 0
+
+
+# --------------------------------------------------------------------------------- backbone, every paper config
+@pytest.mark.parametrize("task", PAPER_TASKS)
+def test_fast_backbone_equals_plain_for_paper_config(task: str) -> None:
+    plain, fast = _pair(tiny_config(**_task_backbone(task)))
+    video, audio = _inputs()
+    out_plain, grads_plain = _step(plain, video, audio)
+    out_fast, grads_fast = _step(fast, video, audio)
+    _assert_same(out_plain, out_fast, grads_plain, grads_fast)
+    assert any(n.startswith("adapters.") for n in grads_fast)
+
+
+def test_fast_plain_visual_encoding_equals_library() -> None:
+    plain, fast = _pair(tiny_config())
+    video, _ = _inputs()
+    torch.testing.assert_close(fast.encode_visual_plain(video), plain.encode_visual_plain(video), rtol=1e-4, atol=1e-4)
+
+
+# -------------------------------------------------------------------------------------------- cache invalidation
+def test_cache_is_reused_then_cleared_when_weights_load() -> None:
+    plain, fast = _pair(tiny_config())
+    video, audio = _inputs(b=1)
+    fast.eval()
+    with torch.no_grad():
+        fast(video, audio)
+        filled = len(fast._frozen_cache)
+        fast(video, audio)
+    assert filled > 0 and len(fast._frozen_cache) == filled  # built once, reused
+    # New frozen encoder weights through the public loading path: the cached masks must not survive.
+    _perturb_encoders(plain, seed=7)
+    fast.load_state_dict(plain.state_dict())
+    assert len(fast._frozen_cache) == 0
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(video, audio).visual_tokens, plain(video, audio).visual_tokens,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_trainable_encoders_rebuild_constants_with_gradients() -> None:
+    cfg = tiny_config(visual={"trainable": True}, audio={"trainable": True})
+    plain, fast = _pair(cfg)
+    video, audio = _inputs(b=1)
+    out_plain, grads_plain = _step(plain, video, audio)
+    out_fast, grads_fast = _step(fast, video, audio)
+    assert len(fast._frozen_cache) == 0  # nothing derived from trainable weights is cached
+    for key in ("continuous_position_bias_mlp.0.weight", "relative_position_bias_table", "attention.self.query.weight"):
+        assert any(key in n for n in grads_fast), key
+    _assert_same(out_plain, out_fast, grads_plain, grads_fast)
+
+
+# ------------------------------------------------------------------------------------------------------ compile
+def test_compile_unsupported_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("no compiler toolchain")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    plain, fast = _pair(tiny_config(compile=True))
+    video, audio = _inputs(b=1)
+    plain.eval()
+    fast.eval()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="unsupported here"):
+        out = fast(video, audio).visual_tokens
+    with torch.no_grad():
+        torch.testing.assert_close(out, plain(video, audio).visual_tokens, rtol=1e-4, atol=1e-4)
+    assert not any(unit.enabled for unit in fast._compiled.values())
+    assert fast.compile_seconds == 0.0
+
+
+def test_compiled_call_failure_runs_eagerly_and_real_errors_still_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    def backend_failure(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("backend compiler failed")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", backend_failure)
+    unit = RegionalCompile(lambda x: x * 2, True, "double")
+    with pytest.warns(RuntimeWarning, match="double"):
+        assert torch.equal(unit(torch.ones(2)), torch.full((2,), 2.0))
+    assert not unit.enabled
+    broken = RegionalCompile(lambda x: x @ x, True, "matmul")  # fails eagerly too: the real error surfaces
+    with warnings.catch_warnings(), pytest.raises(RuntimeError):
+        warnings.simplefilter("ignore")
+        broken(torch.ones(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_backbone_bf16_and_compile_on_gpu() -> None:
+    plain, fast = _pair(tiny_config(compile=True))
+    plain, fast = plain.cuda().eval(), fast.cuda().eval()
+    video, audio = (t.cuda() for t in _inputs())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = plain(video, audio).visual_tokens.float()
+        out = fast(video, audio).visual_tokens.float()
+    torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2)
+    if not any(unit.enabled for unit in fast._compiled.values()):
+        pytest.skip("torch.compile is unsupported on this machine (fell back to eager, outputs checked)")
+    assert fast.compile_seconds > 0
