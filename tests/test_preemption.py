@@ -66,6 +66,9 @@ def signal_at(step: int, name: str, when: str, to: str, rank: int | None = None)
     return args + ([f"--trainer.callbacks.rank={rank}"] if rank is not None else [])
 
 
+DIAGNOSTIC_TAGS = ("lr-", "router/", "val_router/", "epoch")
+
+
 def scalars(folder: Path) -> list[tuple[str, int, float]]:
     """Every scalar in the run folder's TensorBoard event files, in the order written (a step logged again after a
     resume shows up twice)."""
@@ -74,8 +77,12 @@ def scalars(folder: Path) -> list[tuple[str, int, float]]:
     out = []
     for path in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3])):
         for event in EventFileLoader(str(path)).Load():
+            # Scalars only (the router heat maps are images), and not the diagnostics the CLI adds (learning-rate
+            # monitor, router usage, Lightning's epoch counter): across a resume those are re-logged or, under DDP,
+            # cover the interrupted epoch's steps after the resume only. Every metric and loss is compared.
             out += [(v.tag, int(event.step), v.simple_value if v.HasField("simple_value") else v.tensor.float_val[0])
-                    for v in event.summary.value]
+                    for v in event.summary.value if (v.HasField("simple_value") or v.tensor.float_val)
+                    and not v.tag.startswith(DIAGNOSTIC_TAGS)]
     return out
 
 

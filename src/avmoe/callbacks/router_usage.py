@@ -98,6 +98,8 @@ class RouterUsage(Callback):
         self._split: Optional[str] = None  # what the forward hook accumulates into ("train", "val", None)
         self._paused: Optional[str] = None
         self._module: Any = None
+        self._epoch: Optional[int] = None  # the training epoch the train sums belong to
+        self._restored_epoch: Optional[int] = None  # epoch of the sums restored from a checkpoint
 
     # -- accumulation (device only) -------------------------------------------------------------------
     def _hook(self, module: Any, inputs: Any, output: Any) -> None:
@@ -108,7 +110,7 @@ class RouterUsage(Callback):
         task = getattr(self._module, "current_task", None)  # a multitask module: usage is split by task
         key = self._split if task is None else f"{self._split}_{task}"
         acc = self._sums.get(key)
-        self._sums[key] = stats if acc is None else {k: acc[k] + stats[k] for k in acc}
+        self._sums[key] = stats if acc is None else {k: acc[k].to(stats[k].device) + stats[k] for k in acc}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         backbone = getattr(pl_module, "backbone", None)
@@ -123,8 +125,29 @@ class RouterUsage(Callback):
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._split = "train"
+        self._epoch = trainer.current_epoch
+        if self._restored_epoch == trainer.current_epoch:  # resumed mid-epoch: keep the sums of its first part
+            self._restored_epoch = None
+            return
+        self._restored_epoch = None
         for key in [k for k in self._sums if k == "train" or k.startswith("train_")]:
             del self._sums[key]
+
+    # -- checkpointed, so a mid-epoch resume publishes the whole epoch as an uninterrupted run does --------------
+    def state_dict(self) -> dict[str, Any]:
+        # One process only: a checkpoint holds rank 0's state, and restoring rank 0's sums on every rank would count
+        # them once per rank. Under DDP the interrupted epoch's train usage covers the steps after the resume.
+        world = self._module.trainer.world_size if self._module is not None and self._module._trainer else 1
+        train = {k: {kk: vv.detach().cpu() for kk, vv in v.items()} for k, v in self._sums.items()
+                 if world == 1 and (k == "train" or k.startswith("train_"))}
+        return {"epoch": self._epoch, "train_sums": train}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callback state only for fit, and a mid-epoch resume does not call
+        # on_train_epoch_start again: the restored epoch goes on accumulating into its train sums.
+        self._sums.update({k: dict(v) for k, v in state_dict.get("train_sums", {}).items()})
+        self._epoch = self._restored_epoch = state_dict.get("epoch")
+        self._split = "train"
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._paused = self._split  # validation inside a training epoch: training resumes after it

@@ -57,6 +57,11 @@ class PairedAdapters(nn.Module):
         return [self.v1, self.v2]
 
 
+def _clear_caches_after_load(module: "AVMoEBackbone", _keys: Any) -> None:
+    """``load_state_dict`` post-hook (a module-level function: the backbone must pickle for ``ddp_spawn``)."""
+    module.clear_caches()
+
+
 class AVMoEBackbone(nn.Module):
     """Two frozen encoders stepped block by block with MoE adapters between them.
 
@@ -80,7 +85,7 @@ class AVMoEBackbone(nn.Module):
             self._build_adapters()
         # Frozen-weight constants of the fast path (not state: rebuilt on demand, dropped when weights load).
         self._frozen_cache = FrozenCache()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.clear_caches())
+        self.register_load_state_dict_post_hook(_clear_caches_after_load)
         self._compiled = {
             name: RegionalCompile(fn, config.compile, name)
             for name, fn in [("swin.window_core", swin.window_core), ("htsat.window_core", htsat.window_core),
