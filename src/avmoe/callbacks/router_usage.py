@@ -145,9 +145,12 @@ class RouterUsage(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callback state only for fit, and a mid-epoch resume does not call
         # on_train_epoch_start again: the restored epoch goes on accumulating into its train sums.
-        self._sums.update({k: dict(v) for k, v in state_dict.get("train_sums", {}).items()})
-        self._epoch = self._restored_epoch = state_dict.get("epoch")
-        self._split = "train"
+        restored = {k: dict(v) for k, v in state_dict.get("train_sums", {}).items()}
+        self._epoch = state_dict.get("epoch")
+        if restored:  # one process, interrupted mid-epoch (see state_dict)
+            self._sums.update(restored)
+            self._restored_epoch = self._epoch
+            self._split = "train"
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._paused = self._split  # validation inside a training epoch: training resumes after it
