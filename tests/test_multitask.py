@@ -379,17 +379,24 @@ def test_mid_epoch_sigterm_resumes_the_task_sampler_bit_for_bit(ave_release, llp
 
 
 def test_router_usage_is_split_by_task(ave_release, llp_release, tmp_path):
-    from avmoe.callbacks import RouterUsage
+    from avmoe.callbacks import AVESegments, RouterUsage
 
     torch.manual_seed(0)
     model = _module(task_routers=True)
     dm = _datamodule(ave_release, llp_release, sampling="round_robin", steps_per_epoch=2)
     usage = RouterUsage(str(tmp_path / "router_usage"))
+    # The figure's eval-mode pass over a fixed validation batch after validation runs inside the training epoch:
+    # it must not be counted as training usage.
+    figures = AVESegments(num_videos=2)
     trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[usage], limit_val_batches=1)
+                      enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[usage, figures],
+                      limit_val_batches=1)
     trainer.fit(model, datamodule=dm)
     files = sorted(p.name for p in (tmp_path / "router_usage").glob("*.json"))
     assert files == ["train_ave.json", "train_avvp.json", "val_ave.json", "val_avvp.json"]
+    frames = {t: json.loads((tmp_path / "router_usage" / f"train_{t}.json").read_text())["epochs"][-1]["frames"]
+              for t in ("ave", "avvp")}
+    assert frames == {"ave": 2 * 10, "avvp": 2 * 10}, "one training step of 2 clips x 10 segments per task"
     per_task = {t: json.loads((tmp_path / "router_usage" / f"val_{t}.json").read_text())["epochs"][-1]["weight"]
                 for t in ("ave", "avvp")}
     for weights in per_task.values():

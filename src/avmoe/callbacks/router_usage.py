@@ -55,7 +55,8 @@ def router_statistics(router_weights: list[Tensor], frames: Optional[Tensor] = N
 def usage_from_sums(sums: dict[str, Tensor]) -> dict[str, np.ndarray]:
     """Means from accumulated :func:`router_statistics`: ``weight`` and ``top1`` (L, E) arrays in [0, 1]."""
     n = max(float(sums["frames"]), 1.0)
-    return {"weight": (sums["weight"] / n).cpu().numpy(), "top1": (sums["top1"] / n).cpu().numpy()}
+    return {"weight": (sums["weight"] / n).cpu().numpy(), "top1": (sums["top1"] / n).cpu().numpy(),
+            "frames": int(float(sums["frames"]))}
 
 
 def heatmap(values: np.ndarray, rows: list[str], cols: list[str], title: str = "") -> np.ndarray:
@@ -105,6 +106,10 @@ class RouterUsage(Callback):
     def _hook(self, module: Any, inputs: Any, output: Any) -> None:
         weights = getattr(output, "router_weights", None)
         if self._split is None or not weights:
+            return
+        if self._split == "train" and not (torch.is_grad_enabled() and self._module.training):
+            # Not a training step: an eval-mode side pass inside the training epoch (a figure's fixed batch after
+            # validation, a callback's feature or valuation pass) would skew the usage of the optimised steps.
             return
         stats = router_statistics(weights)
         task = getattr(self._module, "current_task", None)  # a multitask module: usage is split by task
@@ -208,7 +213,8 @@ class RouterUsage(Callback):
         path = self.dirpath / f"{split}.json"
         history = json.loads(path.read_text())["epochs"] if path.is_file() else []
         history = [h for h in history if h["epoch"] != epoch]  # a resumed epoch replaces its earlier record
-        history.append({"epoch": epoch, "global_step": step, "weight": usage["weight"].round(4).tolist(),
+        history.append({"epoch": epoch, "global_step": step, "frames": usage["frames"],
+                        "weight": usage["weight"].round(4).tolist(),
                         "top1": usage["top1"].round(4).tolist()})
         write_json_atomic(path, {"modules": modules, "experts": experts, "epochs": history}, indent=1)
         if image is not None:
