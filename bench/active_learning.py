@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +33,11 @@ from avmoe.select.stage1 import Stage1Config, embed, modality_gap, train_stage1
 from avmoe.select.strategies import select_order
 from avmoe.select.synthetic import synthetic_pool
 
-BENCH = Path(__file__).resolve().parent / "BENCHMARKS.md"
+if __package__ in (None, ""):  # run as a script: make `bench.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import replace_section  # noqa: E402
+
 SECTION = "## Cold-start selection"
 VARIANTS = ["random", "kmeans", "kcenter", "typiclust", "probcover", "mmcsal", "mmcsal_no_proto", "mmcsal_no_align"]
 
@@ -123,19 +127,6 @@ def table(args: argparse.Namespace, results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    body = BENCH.read_text() if BENCH.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    found = pattern.search(body)
-    if found is None:
-        body = body.rstrip() + "\n\n" + text + "\n"
-    else:  # keep the hand-written reading (from its "**Reading" line on): it must be revised by whoever reruns
-        old = found.group(0)
-        reading = old[old.index("**Reading"):] if "**Reading" in old else ""
-        body = body[:found.start()] + text + ("\n" + reading if reading else "\n") + body[found.end():]
-    BENCH.write_text(body)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pool", type=int, default=1000)
@@ -155,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = table(args, results)
     print(text)
     if not args.no_write:
-        write_section(text)
+        replace_section(SECTION, text, keep_from="**Reading")
     return results
 
 

@@ -22,6 +22,7 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -37,7 +38,11 @@ from avmoe.models.presets import tiny_config
 from avmoe.tasks import AVETask, AVVPTask, MultitaskModule
 from avmoe.tasks.base import OptimConfig
 
-HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # run as a script: make `bench.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import replace_section  # noqa: E402
+
 SECTION = "## Multitask"
 HEADS = {"ave": {"visual_dim": 32, "audio_dim": 16, "d_model": 32, "num_heads": 2, "ff_dim": 64, "num_layers": 1,
                  "topk": 2},
@@ -130,18 +135,6 @@ def table(results: list[dict[str, float]], args: argparse.Namespace, seconds: fl
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    path = HERE / "BENCHMARKS.md"
-    doc = path.read_text()
-    start = doc.find(SECTION)
-    if start < 0:
-        doc = doc.rstrip() + "\n\n" + text
-    else:
-        end = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + (doc[end:] if end >= 0 else "")
-    path.write_text(doc)
-
-
 def main(argv: Any = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path("data/bench_multitask"))
@@ -159,7 +152,7 @@ def main(argv: Any = None) -> list[dict[str, float]]:
     text = table(results, args, time.time() - start)
     print(text)
     if not args.no_write:
-        write_section(text)
+        replace_section(SECTION, text)
     return results
 
 
