@@ -35,6 +35,7 @@ from .annotations import AnnotationError, read_annotation_text
 PAD = "<pad>"
 MAX_QUESTION_LEN = 14
 REQUIRED_KEYS = ("video_id", "question_id", "type", "question_content", "templ_values")
+PREDICT_KEYS = ("video_id", "question_content")  # a questions file to answer (read_question_list)
 DuplicatePolicy = Literal["keep", "first", "error"]
 # One duplicate-ID warning per file version and process (prepare_data and setup both read the same file); a file
 # that changes (new size or mtime) warns again.
@@ -85,19 +86,22 @@ def tokenize_question(content: str, templ_values: list[str], where: str = "<ques
     return words
 
 
-def _parse_row(item: Any, path: Path, row: int) -> dict[str, Any]:
+def _parse_row(item: Any, path: Path, row: int, strict: bool = True) -> dict[str, Any]:
+    """One question object. ``strict`` (annotation files): every key of the release is required. Otherwise (a
+    questions file to answer): only ``video_id`` and ``question_content``; ``question_id`` defaults to the row,
+    ``templ_values`` to ``[]``, an absent ``type`` gives ``qtype`` -1 and an absent answer ``None``."""
     def bad(reason: str) -> AnnotationError:
         qid = item.get("question_id") if isinstance(item, dict) else None
         return AnnotationError(path, reason, row, "row", None if qid is None else f"question_id {qid!r}")
 
     if not isinstance(item, dict):
         raise bad(f"expected a JSON object, got {type(item).__name__}")
-    qid = item.get("question_id")
-    missing = [k for k in REQUIRED_KEYS if k not in item]
+    qid = item.get("question_id", None if strict else row)
+    missing = [k for k in (REQUIRED_KEYS if strict else PREDICT_KEYS) if k not in item]
     answer_key = "anser" if "anser" in item else "answer" if "answer" in item else None
-    if missing or answer_key is None:
-        missing += [] if answer_key else ["anser"]
-        raise bad(f"missing key(s) {missing} (the release spells the answer key 'anser')")
+    if missing or (strict and answer_key is None):
+        missing += [] if answer_key or not strict else ["anser"]
+        raise bad(f"missing key(s) {missing}" + (" (the release spells the answer key 'anser')" if strict else ""))
     if not isinstance(qid, int) or isinstance(qid, bool):
         raise bad(f"question_id must be an integer, got {qid!r}")
     if not 0 <= qid <= INT64_MAX:
@@ -106,17 +110,17 @@ def _parse_row(item: Any, path: Path, row: int) -> dict[str, Any]:
     if not isinstance(video_id, str) or not video_id:
         raise bad(f"video_id must be a non-empty string, got {video_id!r}")
     note = f"question_id {qid!r}"
-    qtype = _json_list(item["type"], "type", path, row, note)
-    if len(qtype) != 2:
+    qtype = _json_list(item["type"], "type", path, row, note) if "type" in item else None
+    if qtype is not None and len(qtype) != 2:
         raise bad(f"'type' must hold [modality, type], got {item['type']!r}")
-    templ = _json_list(item["templ_values"], "templ_values", path, row, note)
-    content, answer = item["question_content"], item[answer_key]
+    templ = _json_list(item.get("templ_values", "[]"), "templ_values", path, row, note)
+    content, answer = item["question_content"], item[answer_key] if answer_key else None
     if not isinstance(content, str) or not content.strip():
         raise bad(f"empty or non-string question_content {content!r}")
-    if not isinstance(answer, str) or not answer:
+    if answer_key is not None and (not isinstance(answer, str) or not answer):
         raise bad(f"empty or non-string answer {answer!r}")
     try:
-        type_idx = qtype_index(*qtype)
+        type_idx = qtype_index(*qtype) if qtype is not None else -1
     except ValueError as err:
         raise bad(str(err)) from None
     try:
@@ -151,6 +155,43 @@ def read_avqa_json(path: str | os.PathLike[str]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MUSIC-AVQA annotation file not found: {path}")
+    return _table([_parse_row(item, path, i) for i, item in enumerate(_json_array(path))])
+
+
+def read_question_list(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Questions to answer (``predict`` on your own videos): a JSON array in the MUSIC-AVQA question format.
+
+    Only ``video_id`` and ``question_content`` are required; ``templ_values`` fills the ``<...>`` placeholders as
+    in the release (``"[\\"violin\\"]"`` or a real list), ``question_id`` defaults to the 0-based row, ``type`` and
+    ``anser`` are used when present (question type and true answer in the predictions). Tokenised as the release.
+
+    Returns:
+        The columns of :func:`read_avqa_json`; ``qtype`` is -1 without ``type``, ``answer`` None without ``anser``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        AnnotationError: as :func:`read_avqa_json` (names the file, the row and the question ID), or no question.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.predict_questions: questions file {path} not found")
+    table = _table([_parse_row(item, path, i, strict=False) for i, item in enumerate(_json_array(path))])
+    if table.empty:
+        raise AnnotationError(path, "no question (expected a JSON array of objects with video_id and "
+                              "question_content)")
+    return table
+
+
+def _table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=["row", "video_id", "question_id", "qtype", "question_content", "tokens",
+                                        "answer"])
+    for col in ("row", "question_id", "qtype"):
+        frame[col] = frame[col].astype(np.int64)
+    return frame
+
+
+def _json_array(path: Path) -> list[Any]:
+    """The file's JSON array; anything else is an :class:`AnnotationError` naming the file."""
     text = read_annotation_text(path)
     try:
         data = json.loads(text)
@@ -163,12 +204,7 @@ def read_avqa_json(path: str | os.PathLike[str]) -> pd.DataFrame:
                               "of flat objects)") from None
     if not isinstance(data, list):
         raise AnnotationError(path, f"expected a JSON array of question objects, got {type(data).__name__}")
-    rows = [_parse_row(item, path, i) for i, item in enumerate(data)]
-    frame = pd.DataFrame(rows, columns=["row", "video_id", "question_id", "qtype", "question_content", "tokens",
-                                        "answer"])
-    for col in ("row", "question_id", "qtype"):
-        frame[col] = frame[col].astype(np.int64)
-    return frame
+    return data
 
 
 def apply_duplicate_policy(table: pd.DataFrame, policy: DuplicatePolicy, path: Path) -> pd.DataFrame:
@@ -217,13 +253,23 @@ class AVQAVocab:
 
     def encode(self, table: pd.DataFrame, path: Path, max_len: int) -> tuple[np.ndarray, np.ndarray]:
         """``(questions (N, max_len) int64, answers (N,) int64)``; errors name the file, row and question ID."""
-        word_ix = {w: i for i, w in enumerate(self.words)}
+        questions = self.encode_questions(table, path, max_len)
         ans_ix = {a: i for i, a in enumerate(self.answers)}
-        questions = np.zeros((len(table), max_len), dtype=np.int64)  # 0 == <pad>
         answers = np.empty(len(table), dtype=np.int64)
-        for i, (row, qid, tokens, answer) in enumerate(
-            zip(table["row"], table["question_id"], table["tokens"], table["answer"])
-        ):
+        for i, (row, qid, answer) in enumerate(zip(table["row"], table["question_id"], table["answer"])):
+            if answer not in ans_ix:
+                raise AnnotationError(path, f"answer {answer!r} is not in the answer vocabulary {self.answers}",
+                                      int(row), "row", f"question_id {qid}")
+            answers[i] = ans_ix[answer]
+        return questions, answers
+
+    def encode_questions(self, table: pd.DataFrame, path: Path, max_len: int,
+                         source: str = "from the train file") -> np.ndarray:
+        """``(N, max_len)`` int64 token indices, right-padded with ``<pad>`` (0); a word outside the vocabulary or a
+        question longer than ``max_len`` is an :class:`AnnotationError` naming the file, row and question ID."""
+        word_ix = {w: i for i, w in enumerate(self.words)}
+        questions = np.zeros((len(table), max_len), dtype=np.int64)  # 0 == <pad>
+        for i, (row, qid, tokens) in enumerate(zip(table["row"], table["question_id"], table["tokens"])):
             def bad(reason: str) -> AnnotationError:
                 return AnnotationError(path, reason, int(row), "row", f"question_id {qid}")
 
@@ -231,10 +277,11 @@ class AVQAVocab:
                 raise bad(f"question has {len(tokens)} words, more than max_question_len={max_len}")
             unknown = [w for w in tokens if w not in word_ix]
             if unknown:
-                raise bad(f"word(s) {unknown} are not in the question vocabulary "
-                          f"({len(self.words)} words from the train file)")
-            if answer not in ans_ix:
-                raise bad(f"answer {answer!r} is not in the answer vocabulary {self.answers}")
+                raise bad(f"word(s) {unknown} are not in the question vocabulary ({len(self.words)} words {source})")
             questions[i, : len(tokens)] = [word_ix[w] for w in tokens]
-            answers[i] = ans_ix[answer]
-        return questions, answers
+        return questions
+
+    def answer_indices(self, answers: Any) -> np.ndarray:
+        """``(N,)`` int64 class index of each answer string; -1 for None or an answer outside the vocabulary."""
+        ans_ix = {a: i for i, a in enumerate(self.answers)}
+        return np.asarray([ans_ix.get(a, -1) if a is not None else -1 for a in answers], dtype=np.int64)

@@ -163,11 +163,15 @@ class ClipStore:
     Args:
         decoder: decodes the sampled segments of a video.
         cache_dir: cache parent folder, or None to decode on every access.
+        keep_last: without a cache, keep the last decoded clip in memory (per process), so consecutive questions on
+            one video decode it once (``predict_dir``: your own videos are never written to a cache).
     """
 
-    def __init__(self, decoder: ClipDecoder, cache_dir: Optional[str] = None) -> None:
+    def __init__(self, decoder: ClipDecoder, cache_dir: Optional[str] = None, keep_last: bool = False) -> None:
         self.decoder = decoder
         self.cache = ClipCache(cache_dir, decoder.settings(), decoder.expected_shapes()) if cache_dir else None
+        self.keep_last = keep_last
+        self._last: Optional[tuple[str, tuple[np.ndarray, np.ndarray]]] = None
 
     def clip(self, video_id: str) -> tuple[np.ndarray, np.ndarray]:
         """``(frames (T, 3, S, S) uint8, audio (T, F, M) float32)``, possibly read-only memory maps."""
@@ -175,9 +179,13 @@ class ClipStore:
             entry = self.cache.load(video_id)
             if entry is not None:
                 return entry
+        if self._last is not None and self._last[0] == video_id:
+            return self._last[1]
         frames, audio = self.decoder.decode(video_id)
         if self.cache is not None:
             self.cache.store(video_id, frames, audio)
+        elif self.keep_last:
+            self._last = (video_id, (frames, audio))
         return frames, audio
 
     def frames(self, video_id: str, segments: Sequence[int]) -> np.ndarray:

@@ -40,11 +40,16 @@ from torch.utils.data import Dataset
 from .annotations import AnnotationError, read_annotation_text, require_rows
 from .audio import LogMel, LogMelConfig
 from .base import AVDataModule, ClipDataset, DecodePolicy, resize_frames
-from .decoding import DecodeError, read_audio
+from .decoding import DecodeError, VideoBackend, read_audio, read_frames
+from .folder import FolderClips, folder_videos
 
 Setting = Literal["s4", "ms3"]
 NUM_FRAMES = 5
 MASK_SIZE = 224
+RELEASE_FRAME_SIZE = 224  # the released visual_frames PNGs (preprocess_{s4,ms3}.py cv2.resize to 224x224)
+# preprocess_{s4,ms3}.py extract_frame_for_each_video keeps, of second l, frame int(l * fps + 15/16 * fps) (fps
+# rounded): the frame shown 15/16 s into each of the first five seconds.
+FRAME_OFFSET = 15 / 16
 SETTINGS: tuple[str, ...] = ("s4", "ms3")
 SPLIT_VALUES: tuple[str, ...] = ("train", "val", "test")
 # preprocess_s4.py AVSBenchDataset: the 23 S4 categories (the MS3 CSV has none).
@@ -299,6 +304,47 @@ class AVSBenchDataset(ClipDataset):
         }
 
 
+class AVSBenchFolderDataset(FolderClips, ClipDataset):
+    """The mp4 files of a folder decoded as AVSBench clips (``predict_dir``: segmentation of your own videos).
+
+    Frames: the five shown at ``l + 15/16`` s (l = 0..4; the official extraction's frame of each second), resized to
+    the release's 224x224 (aspect ratio not kept, as the official ``cv2.resize``; here bicubic with antialiasing)
+    and from there to ``image_size`` as the released PNGs are. Audio: the mp4's audio track (or a ``<name>.wav``
+    beside it) as five 1-s log-mel segments from the start, as ``audio_wav``. A video shorter than 5 s is a
+    :class:`DecodeError` naming it (policy ``on_decode_error``).
+
+    Samples: ``video`` (5, 3, S, S) uint8, ``audio`` (5, F, M) float32, ``video_id`` (the file stem), ``category``
+    (empty) and ``frame_size`` (2,) int64, the file's own (H, W); no masks.
+    """
+
+    def __init__(self, files: list[Path], image_size: int, audio: LogMelConfig, video_backend: VideoBackend = "auto",
+                 on_decode_error: DecodePolicy = "raise") -> None:
+        super().__init__(on_decode_error)
+        self.paths = list(files)
+        self.audio_source = "auto"
+        self.image_size = image_size
+        self.logmel = LogMel(audio)
+        self.video_backend = video_backend
+        self.frame_times = np.arange(NUM_FRAMES) + FRAME_OFFSET
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> dict[str, Any]:
+        path = self.video_path(index)
+        frames = read_frames(path, self.frame_times, backend=self.video_backend)  # (5, H, W, 3)
+        release = resize_frames(frames, RELEASE_FRAME_SIZE).permute(0, 2, 3, 1).numpy()  # as the released PNGs
+        audio_path = self.audio_path(index)
+        wave = read_audio(audio_path, self.logmel.config.sample_rate)
+        return {
+            "video": resize_frames(release, self.image_size),
+            "audio": torch.from_numpy(self.logmel(wave, NUM_FRAMES, path=str(audio_path))),
+            "video_id": path.stem,
+            "category": "",
+            "frame_size": torch.tensor(frames.shape[1:3], dtype=torch.int64),
+        }
+
+
 class AVSBenchDataModule(AVDataModule):
     """AVSBench-object S4 / MS3 segmentation: five 1-s frames per clip with binary sound-source masks.
 
@@ -354,6 +400,10 @@ class AVSBenchDataModule(AVDataModule):
         if self._table is None:
             self._table = read_avsbench_csv(self._check_layout() / meta_csv_name(self.setting), self.setting)
         return self._table
+
+    def build_folder_dataset(self, folder: str) -> Dataset:
+        return AVSBenchFolderDataset(folder_videos(folder), image_size=self.image_size, audio=self.audio,
+                                     video_backend=self.video_backend, on_decode_error=self.on_decode_error)
 
     def build_dataset(self, split: str) -> Dataset:
         rows = self.table()

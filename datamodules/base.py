@@ -236,7 +236,8 @@ class AVDataModule(LightningDataModule, ABC):
 
     def build_folder_dataset(self, folder: str) -> Dataset:
         """The Dataset of the mp4 files in ``folder`` (``predict_dir``); tasks that support it override this."""
-        raise ValueError(f"{type(self).__name__} does not support data.predict_dir (AVE and LLP do)")
+        raise ValueError(f"{type(self).__name__} does not support data.predict_dir (the AVE, LLP, AVSBench and "
+                         "MUSIC-AVQA DataModules do)")
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage == "predict" and self.predict_dir is not None:

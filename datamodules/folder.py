@@ -1,9 +1,16 @@
 """``predict`` on your own videos: every ``*.mp4`` of a folder through a task's own decoding pipeline.
 
 ``lightning predict --config ave.yaml --ckpt_path best.ckpt --data.init_args.predict_dir my_videos/`` decodes
-each mp4 exactly as the dataset's clips (frames at the segment centres t + 0.5 s, log-mel of the audio track, or
-of a ``<name>.wav`` beside the mp4) and writes the task's predictions per file. Clips are read for the dataset's
-clip length (AVE, AVVP: the first 10 s); a shorter file fails with a decode error naming it.
+each mp4 exactly as the dataset's clips and writes the task's predictions per file:
+
+* AVE, AVVP: frames at the segment centres t + 0.5 s and the log-mel of the audio track (or of a ``<name>.wav``
+  beside the mp4), for the first 10 s;
+* AVS (``AVSBenchFolderDataset``): the five frames at l + 15/16 s of the first 5 s (the official extraction) and
+  five 1-s log-mel segments;
+* AVQA: the questions of ``data.predict_questions`` on the files they name, sampled as the release's videos
+  (``num_segments`` over the first ``clip_seconds``).
+
+A file shorter than that fails with a decode error naming it (``on_decode_error: skip`` drops it instead).
 """
 
 from __future__ import annotations

@@ -53,12 +53,14 @@ from .avqa_annotations import (
     DuplicatePolicy,
     apply_duplicate_policy,
     read_avqa_json,
+    read_question_list,
     split_file,
     tokenize_question,
 )
 from .avqa_cache import ClipStore, is_cache_safe_id
 from .base import SPLITS, AVDataModule, ClipDataset, DecodePolicy, resize_frames
 from .decoding import DecodeError, VideoBackend, read_audio, read_frames
+from .folder import folder_videos
 
 __all__ = ["PAD", "AVQAClipDecoder", "AVQAVocab", "MusicAVQADataModule", "MusicAVQADataset", "apply_duplicate_policy",
            "read_avqa_json", "segment_starts", "split_file", "tokenize_question"]
@@ -89,12 +91,15 @@ class AVQAClipDecoder:
         image_size: frame side after resizing.
         audio: log-mel front end (its ``segment_seconds`` is the window length).
         video_backend: frame decoder.
+        paths: ``video_id -> file`` overriding ``<video_root>/<video_id>.mp4`` (a ``predict_dir`` of your own videos).
     """
 
     def __init__(
-        self, video_root: str, starts: np.ndarray, image_size: int, audio: LogMelConfig, video_backend: VideoBackend
+        self, video_root: str, starts: np.ndarray, image_size: int, audio: LogMelConfig, video_backend: VideoBackend,
+        paths: Optional[dict[str, Path]] = None,
     ) -> None:
         self.video_root = Path(video_root)
+        self.paths = paths
         self.starts = np.asarray(starts, dtype=np.float64)
         self.image_size = image_size
         self.logmel = LogMel(audio)
@@ -109,6 +114,8 @@ class AVQAClipDecoder:
         return self.starts + self.logmel.config.segment_seconds / 2
 
     def video_path(self, video_id: str) -> Path:
+        if self.paths is not None and video_id in self.paths:
+            return self.paths[video_id]
         return self.video_root / f"{video_id}.mp4"
 
     def settings(self) -> dict[str, Any]:
@@ -292,6 +299,10 @@ class MusicAVQADataModule(AVDataModule):
             processes) instead of on first use.
         negatives: give train samples ``negative_video`` frames from other videos (the match loss).
         negative_videos: distinct videos per sample for those frames (official: one per frame, i.e. T).
+        predict_questions: with ``predict_dir``: a JSON list of questions in the MUSIC-AVQA format (``video_id`` = an
+            mp4 file stem in ``predict_dir``, ``question_content``, ``templ_values`` for ``<...>`` placeholders) for
+            ``predict`` to answer; the vocabularies are the model's (stored in its checkpoint). Each video is sampled
+            as the release's (``num_segments`` over the first ``clip_seconds``), without the cache.
         **kwargs: :class:`~avmoe.datamodules.base.AVDataModule` arguments.
     """
 
@@ -311,9 +322,14 @@ class MusicAVQADataModule(AVDataModule):
         build_cache: bool = True,
         negatives: bool = True,
         negative_videos: int = NUM_SEGMENTS,
+        predict_questions: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(root, **kwargs)
+        if (self.predict_dir is None) != (predict_questions is None):
+            raise ValueError("AVQA predict on your own videos needs both data.predict_dir (the mp4 files) and "
+                             "data.predict_questions (a JSON list of questions naming them by video_id)")
+        self.predict_questions = predict_questions
         if duplicate_question_ids not in ("keep", "first", "error"):
             raise ValueError(
                 f"duplicate_question_ids must be 'keep', 'first' or 'error', got {duplicate_question_ids!r}"
@@ -393,6 +409,8 @@ class MusicAVQADataModule(AVDataModule):
         """Build the cache of every video used by the (limited) splits; nothing is stored on ``self``."""
         if not (self.cache_dir and self.build_cache):
             return
+        if self.predict_dir is not None and self.trainer is not None and self.trainer.predicting:
+            return  # your own videos are decoded on use; the release (maybe absent here) is not read
         video_ids: list[str] = []
         for split in SPLITS:
             if not self.split_path(split).is_file():
@@ -441,5 +459,45 @@ class MusicAVQADataModule(AVDataModule):
         )
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "predict" and self.predict_dir is not None:
+            self._adopt_model_vocab()
         _ = self.vocab  # every stage needs the vocabularies (the task reads them in its own setup)
         super().setup(stage)
+
+    # ------------------------------------------------------------------ predict on your own videos
+
+    def _adopt_model_vocab(self) -> None:
+        """``predict_dir``: the vocabularies of the model being run (restored from ``--ckpt_path``), so the release
+        root is not needed; without them (an untrained model) the root's train file must be there."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        answers, words = getattr(model, "answer_vocab", None), getattr(model, "question_vocab", None)
+        if answers and words:
+            self._vocab = AVQAVocab(answers=list(answers), words=list(words))
+        elif not Path(self.root).is_dir():
+            raise FileNotFoundError(f"AVQA predict_dir: the model has no vocabularies and the MUSIC-AVQA root "
+                                    f"{self.root} does not exist; give --ckpt_path of a trained AVQA checkpoint "
+                                    "(it stores them)")
+
+    def build_folder_dataset(self, folder: str) -> Dataset:
+        """The questions of ``predict_questions`` on the mp4 files of ``folder``, encoded with the vocabularies."""
+        files = {p.stem: p for p in folder_videos(folder)}
+        path = Path(str(self.predict_questions))
+        table = read_question_list(path)
+        for row, qid, vid in zip(table["row"], table["question_id"], table["video_id"]):
+            if vid not in files:
+                raise AnnotationError(path, f"video_id {vid!r} names no mp4 file in {folder} (expected "
+                                      f"{Path(folder) / f'{vid}.mp4'})", int(row), "row", f"question_id {qid}")
+        questions = self.vocab.encode_questions(table, path, self.max_question_len, "of the training vocabulary")
+        decoder = AVQAClipDecoder(str(folder), segment_starts(self.num_segments, self.clip_seconds),
+                                  self.image_size, self.audio, self.video_backend, paths=files)
+        return MusicAVQADataset(
+            questions=questions,
+            answers=self.vocab.answer_indices(table["answer"]),  # -1: no (known) true answer
+            qtypes=table["qtype"].to_numpy(dtype=np.int64),  # -1: no type given
+            question_ids=table["question_id"].to_numpy(dtype=np.int64),
+            video_ids=table["video_id"].to_numpy(dtype=np.str_),
+            texts=np.asarray([" ".join(tokens) for tokens in table["tokens"]], dtype=np.str_),
+            clips=ClipStore(decoder, None, keep_last=True),  # questions on one video: decoded once
+            negatives=False,
+            on_decode_error=self.on_decode_error,
+        )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import os
 import signal as signal_module
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,6 +46,20 @@ def tiny_fit_args(data_root: Path, run_root: Path, name: str = "t", epochs: int 
     ]
     args += [f"--{k}={v}" for k, v in overrides.items()]
     return args
+
+
+def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    """``python -m avmoe ARGS`` as a user runs it (the console-script path, errors shortened), in the background."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("AVMOE_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "avmoe", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_cli(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for a :func:`start_cli` process; its exit code and output."""
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 # ------------------------------------------------------------------------------------------------ every task

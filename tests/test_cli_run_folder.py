@@ -5,33 +5,21 @@ CSV, learning rate). One fit is shared by every assertion (module-scoped fixture
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.helpers import tiny_fit_args
+from tests.helpers import finish_cli, start_cli, tiny_fit_args
 
 # Every test of this module on one xdist worker (`--dist loadgroup`): they share one fit.
 pytestmark = pytest.mark.xdist_group("cli_run_folder")
 LIMITS = {"trainer.limit_train_batches": 2, "trainer.limit_val_batches": 2, "trainer.limit_test_batches": 2}
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    """``python -m avmoe ARGS`` as a user runs it (the console-script path, errors shortened)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("AVMOE_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "avmoe", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+start, finish = start_cli, finish_cli
 
 
 def avmoe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -213,6 +201,32 @@ def test_predict_on_a_folder_of_own_videos(fitted, after_fit):
         assert all((p > 0.5) == (s != "background") for p, s in zip(r["segment_event_prob"], r["segments"])
                    if abs(p - 0.5) > 1e-3)
     assert (fitted["folder"] / "config.predict.yaml").is_file()
+
+
+def test_print_config_shows_the_resolved_checkpoint_monitor(tmp_path):
+    """``--print_config`` shows the ``checkpoint`` section config.yaml will hold (the task's monitor and mode, the
+    run folder's dirpath), and a flag still wins. Parsing only: nothing trains."""
+    import io
+    from contextlib import redirect_stdout
+    from unittest import mock
+
+    import yaml
+
+    from avmoe.cli import cli_main
+    from tests.helpers import CONFIGS
+
+    proc = _ok(avmoe("fit", "--config", str(CONFIGS / "demo_avs.yaml"), "--run.root=elsewhere", "--print_config",
+                     cwd=tmp_path))
+    printed = yaml.safe_load(proc.stdout)["checkpoint"]
+    assert printed["monitor"] == "val/mj" and printed["mode"] == "max"
+    assert printed["dirpath"] == str(Path("elsewhere") / "demo_avs" / "checkpoints")
+    assert printed["filename"] == "best"
+    out = io.StringIO()  # the override, in-process (the same parser; a second subprocess start-up costs ~6 s)
+    with pytest.raises(SystemExit), redirect_stdout(out), mock.patch("sys.argv", ["lightning"]):
+        cli_main(["fit", "--config", str(CONFIGS / "demo.yaml"), "--checkpoint.monitor=val/loss",
+                  "--checkpoint.mode=min", "--print_config"])
+    printed = yaml.safe_load(out.getvalue())["checkpoint"]
+    assert printed["monitor"] == "val/loss" and printed["mode"] == "min"
 
 
 # ------------------------------------------------------------------------------------------ in-process, cheap

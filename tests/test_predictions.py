@@ -15,7 +15,7 @@ from PIL import Image
 from avmoe.cli import cli_main
 from avmoe.datamodules.ave import AVE_CATEGORIES
 from avmoe.datamodules.llp import LLP_CATEGORIES
-from avmoe.tasks.predictions import event_runs, gather_records
+from avmoe.tasks.predictions import event_runs, gather_records, read_probability_png
 from tests.helpers import task_fit_args
 from tests.test_callbacks import make_datamodule, make_task
 
@@ -76,11 +76,14 @@ def test_cli_predict_writes_the_task_file_in_the_run_folder(task, release_fixtur
     else:
         assert any(f > 0 for r in records for f in r["foreground"]), "the check below must see foreground"
         for r in records:
-            assert len(r["masks"]) == 5
-            for file, fraction in zip(r["masks"], r["foreground"]):
+            assert len(r["masks"]) == len(r["probabilities"]) == 5
+            for file, prob_file, fraction in zip(r["masks"], r["probabilities"], r["foreground"]):
                 png = np.asarray(Image.open(folder / file))
                 assert png.shape == (224, 224) and set(np.unique(png)) <= {0, 255}
                 assert (png > 0).mean() == pytest.approx(fraction, abs=1e-6)
+                prob = read_probability_png(folder / prob_file)  # the mask is p > 0.5 (up to the 16-bit step)
+                decided = np.abs(prob - 0.5) > 1e-4
+                assert prob.shape == (224, 224) and np.array_equal((prob > 0.5)[decided], (png > 0)[decided])
 
 
 def _gather_worker(rank: int, store: str, out: str) -> None:

@@ -28,7 +28,7 @@ import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, OnExceptionCheckpoint, ProgressBar
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -54,7 +54,8 @@ SIGTERM_EXIT_CODE = 143
 CLI_DESCRIPTION = """avmoe: AVMoE audio-visual learning (AVE, AVVP, AVS, AVQA) on PyTorch Lightning.
 
 Subcommands: fit (train; --run.resume auto continues a run), validate, test, predict (--ckpt_path CKPT; predict
-also takes --data.init_args.predict_dir DIR of your own mp4 files), and select (cold-start selection of
+also takes --data.init_args.predict_dir DIR of your own mp4 files, AVQA with --data.init_args.predict_questions
+FILE), and select (cold-start selection of
 a labelled subset, own options: 'select --help'). '<subcommand> --help' lists every option,
 '<subcommand> --config lightning_configs/demo.yaml --print_config' the resolved config. Each run lives in
 <run.root>/<run.name>: config.yaml, checkpoints/, metrics/, router_usage/, parameters.json, metrics.csv and
@@ -106,6 +107,10 @@ def _run_config(value: Any) -> RunConfig:
 
 class AVMoECLI(LightningCLI):
     """LightningCLI with the run folder, resume modes, weights-only init and the JSON metrics writer."""
+
+    def __init__(self, *args: Any, parser_class: Optional[type[LightningArgumentParser]] = None, **kwargs: Any) -> None:
+        # AVMoEArgumentParser (defined below): --print_config shows the resolved checkpoint monitor
+        super().__init__(*args, parser_class=parser_class or AVMoEArgumentParser, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_class_arguments(RunConfig, "run")
@@ -265,6 +270,21 @@ class AVMoECLI(LightningCLI):
         if self.run_config.test_after_fit and not self.trainer.interrupted:
             best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+class AVMoEArgumentParser(LightningArgumentParser):
+    """Dumps (``--print_config``, ``config.yaml``) show the ``checkpoint`` section as it will be instantiated: the
+    run folder's ``dirpath`` and the task's ``monitor`` / ``mode`` where the user set none
+    (:func:`resolve_best_checkpoint`; jsonargparse prints ``--print_config`` before any hook of the CLI runs)."""
+
+    def dump(self, cfg: Namespace, *args: Any, **kwargs: Any) -> str:
+        if isinstance(cfg, Namespace) and cfg.get("checkpoint") is not None and cfg.get("run") is not None:
+            cfg = cfg.clone()
+            try:
+                resolve_best_checkpoint(cfg, _run_config(cfg.get("run")))
+            except (ImportError, AttributeError, TypeError, ValueError):
+                pass  # an unknown model class or a malformed run section: validation reports it, not the dump
+        return super().dump(cfg, *args, **kwargs)
 
 
 def add_best_checkpoint_args(parser: Any) -> None:

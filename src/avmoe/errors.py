@@ -45,11 +45,25 @@ def user_error_message(exc: BaseException) -> Optional[str]:
     """The one-line message for an error the user caused, or None when ``exc`` looks like a bug."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: PLC0415
 
+    from avmoe.datamodules.annotations import AnnotationError  # noqa: PLC0415
+    from avmoe.datamodules.decoding import DecodeError  # noqa: PLC0415
+
     for err in _chain(exc):
         if isinstance(err, USER_ERRORS + (MisconfigurationException,)):
             return str(err)
+        if isinstance(err, (AnnotationError, DecodeError)):  # bad input files: the message names the file
+            return _last_line(str(err))
         if isinstance(err, ValueError):
             messages = _union_messages(str(err))
             if messages:
                 return "; ".join(messages)
     return None
+
+
+def _last_line(text: str) -> str:
+    """A DataLoader worker re-raises a file error as "Caught X in DataLoader worker ... Original Traceback ...
+    module.X: message": keep the original message."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+Error: ", "", last)

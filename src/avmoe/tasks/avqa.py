@@ -22,9 +22,12 @@ frame) pairs of the same segment (label 1) against (audio, frame of another vide
 frames go through the plain frozen Swin (no adapters, no gradient), as in the official code. Samples whose audio
 or visual modality is masked out are left out of the match term (there is no pair to judge).
 
-``predict`` writes every prediction as an answer string with its question ID to a JSON file
-(``predictions_file``, default ``<trainer.default_root_dir>/predictions/avqa_predictions.json``, i.e. inside
-the CLI's run folder), one record per question row, de-duplicated and in dataset order under DDP.
+``predict`` writes every prediction as an answer string with its probability and the ``predict_top_k`` best
+answers, with its question ID, to a JSON file (``predictions_file``, default
+``<trainer.default_root_dir>/predictions/avqa_predictions.json``, i.e. inside the CLI's run folder), one record per
+question row, de-duplicated and in dataset order under DDP. The questions are the test split's, or those of
+``data.predict_questions`` on the mp4 files of ``data.predict_dir`` (your own videos; the vocabularies are the
+checkpoint's).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class AVQATask(AVTask):
         question_vocab: question words by token index (``<pad>`` first); None takes them from the DataModule.
         predictions_file: where ``predict`` writes its JSON; None = ``<default_root_dir>/predictions/``
             ``avqa_predictions.json``.
+        predict_top_k: ``predict`` lists the k most probable answers of each question with their probabilities.
         unimodal: uni-modal predictions for the balancing callbacks (zeroed features or auxiliary heads).
     """
 
@@ -80,8 +84,12 @@ class AVQATask(AVTask):
         question_vocab: Optional[list[str]] = None,
         predictions_file: Optional[str] = None,
         unimodal: UnimodalConfig = UnimodalConfig(),
+        predict_top_k: int = 5,
     ) -> None:
         super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
+        if predict_top_k < 1:
+            raise ValueError(f"predict_top_k must be >= 1, got {predict_top_k}")
+        self.predict_top_k = predict_top_k
         self.head_config = as_config(AVQAHeadConfig, head)
         self.match_weight = match_weight
         self.predictions_file = predictions_file
@@ -95,7 +103,7 @@ class AVQATask(AVTask):
             "backbone": self.backbone_config, "head": self.head_config, "optim": self.optim,
             "match_weight": match_weight, "answer_vocab": answer_vocab, "question_vocab": question_vocab,
             "unimodal": self.unimodal,
-        }))  # predictions_file is a run setting, not a model property: left out, so `--ckpt_path` cannot override it
+        }))  # predictions_file / predict_top_k are run settings, not model properties: left out of the checkpoint
         if answer_vocab is not None or question_vocab is not None:
             if answer_vocab is None or question_vocab is None:
                 raise ValueError("give both answer_vocab and question_vocab, or neither")
@@ -262,20 +270,32 @@ class AVQATask(AVTask):
     prediction_name = "avqa"
 
     def predictions(self, batch: Batch, outputs: Outputs) -> dict[str, Any]:
-        pred = outputs["answer_logits"].argmax(-1)
+        """The most probable answer with its softmax probability, and the ``predict_top_k`` best (indices, probs)."""
+        probs = outputs["answer_logits"].float().softmax(-1)  # (B, A)
+        top_p, top_i = probs.topk(min(self.predict_top_k, probs.shape[-1]), dim=-1)  # (B, k), best first
+        pred = top_i[:, 0]
         return {INDEX: batch[INDEX], "question_id": batch.get("question_id"), "answer": self.answer_strings(pred),
-                "answer_index": pred}
+                "answer_index": pred, "score": top_p[:, 0], "top_index": top_i, "top_prob": top_p}
 
     def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
-        """Answer string per question, with its ID, video, true answer and question type when known."""
+        """Per question: the answer string with its probability (``score``) and the ``top_k`` answers with theirs,
+        the question ID, video, question text, and the true answer and question type when known (-1: unknown)."""
         answers, pred = predictions["answer"], predictions["answer_index"]
-        truth = self.answer_strings(batch["answer"]) if "answer" in batch else [None] * len(answers)
-        qids = batch["question_id"].tolist() if "question_id" in batch else [None] * len(answers)
-        vids = batch.get("video_id") or [None] * len(answers)
-        qtypes = batch["qtype"].tolist() if "qtype" in batch else [None] * len(answers)
-        return [{"index": index, "question_id": qids[i], "video_id": vids[i], "answer": answers[i],
-                 "answer_index": int(pred[i]), "label": truth[i],
-                 "question_type": "/".join(QUESTION_TYPES[qtypes[i]]) if qtypes[i] is not None else None}
+        n = len(answers)
+        truth = [a if i >= 0 else None for a, i in zip(self.answer_strings(batch["answer"].clamp(min=0)),
+                                                         batch["answer"].tolist())] if "answer" in batch else [None] * n
+        qids = batch["question_id"].tolist() if "question_id" in batch else [None] * n
+        vids = batch.get("video_id") or [None] * n
+        texts = batch.get("question_text") or [None] * n
+        qtypes = batch["qtype"].tolist() if "qtype" in batch else [None] * n
+        tops = zip(predictions["top_index"].tolist(), predictions["top_prob"].tolist())
+        top_k = [[{"answer": a, "score": round(p, 6)} for a, p in zip(self.answer_strings(torch.tensor(ix)), ps)]
+                 for ix, ps in tops]
+        return [{"index": index, "question_id": qids[i], "video_id": vids[i], "question": texts[i],
+                 "answer": answers[i], "answer_index": int(pred[i]), "score": round(float(predictions["score"][i]), 6),
+                 "top_k": top_k[i], "label": truth[i],
+                 "question_type": "/".join(QUESTION_TYPES[qtypes[i]]) if qtypes[i] is not None and qtypes[i] >= 0
+                 else None}
                 for i, index in enumerate(batch[INDEX].tolist())]
 
     def prediction_payload(self, records: list[dict[str, Any]]) -> dict[str, Any]:

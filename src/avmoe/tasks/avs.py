@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -39,7 +40,7 @@ from avmoe.models.heads.unimodal import DenseReadout, Readout
 from avmoe.models.outputs import BackboneOutput
 from avmoe.robustness.setting import EvalSetting, silence_db
 from avmoe.tasks.base import AVTask, Batch, OptimConfig, Outputs, UnimodalConfig, as_config, plain
-from avmoe.tasks.predictions import write_mask_png
+from avmoe.tasks.predictions import write_mask_png, write_probability_png
 
 
 @dataclass
@@ -250,22 +251,40 @@ class AVSTask(AVTask):
     prediction_name = "avs"
 
     def predictions(self, batch: Batch, outputs: Outputs) -> dict[str, Any]:
-        """Binary masks (B, T, S, S) at the official rule ``sigmoid > 0.5``, with the sample index and video id."""
-        masks = torch.sigmoid(outputs["logits"].float()) > 0.5
-        return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "masks": masks}
+        """Per-pixel probabilities ``sigmoid(logits)`` (B, T, S, S) and binary masks at the official rule
+        ``sigmoid > 0.5``, with the sample index, video id and (own videos) the frames' size."""
+        probs = torch.sigmoid(outputs["logits"].float())
+        return {INDEX: batch[INDEX], "video_id": batch.get("video_id"), "masks": probs > 0.5, "probs": probs,
+                "frame_size": batch.get("frame_size")}
 
     def prediction_records(self, batch: Batch, predictions: dict[str, Any]) -> list[dict[str, Any]]:
-        """Writes every frame's mask as ``predictions/avs_masks/<video_id>/<t>.png`` (0 / 255, t from 1, as the
-        release's frame names) and returns per clip the files (relative to the predictions folder) and the
-        predicted foreground fraction of each frame."""
+        """Writes per clip ``predictions/avs_masks/<video_id>/<t>.png`` (the mask, 0 / 255) and ``<t>_prob.png``
+        (the probabilities, 16-bit: ``round(p * 65535)``, :func:`~avmoe.tasks.predictions.read_probability_png`),
+        t from 1 as the release's frame names, at the head's output resolution (``head.mask_size``, 224 as the
+        release's masks); returns per clip the files (relative to the predictions folder), the predicted
+        foreground fraction of each frame and, for your own videos, their frame size (H, W) to resize back to."""
         folder = self.prediction_path().parent
         vids = predictions["video_id"] or [None] * len(predictions[INDEX])
+        sizes = predictions.get("frame_size")
         records = []
-        for index, vid, clip in zip(predictions[INDEX].tolist(), vids, predictions["masks"].cpu().numpy()):
+        for i, (index, vid) in enumerate(zip(predictions[INDEX].tolist(), vids)):
+            clip, probs = predictions["masks"][i].cpu().numpy(), predictions["probs"][i].cpu().numpy()
             name = str(vid) if vid is not None else f"{index:06d}"
             files = [f"avs_masks/{name}/{t + 1}.png" for t in range(len(clip))]
-            for file, mask in zip(files, clip):
+            prob_files = [f"avs_masks/{name}/{t + 1}_prob.png" for t in range(len(clip))]
+            for file, prob_file, mask, prob in zip(files, prob_files, clip, probs):
                 write_mask_png(folder / file, mask)
-            records.append({"index": int(index), "video_id": vid, "masks": files,
-                            "foreground": [round(float(m.mean()), 6) for m in clip]})
+                write_probability_png(folder / prob_file, prob)
+            record = {"index": int(index), "video_id": vid, "masks": files, "probabilities": prob_files,
+                      "foreground": [round(float(m.mean()), 6) for m in clip]}
+            if sizes is not None:
+                record["frame_size"] = [int(v) for v in sizes[i].tolist()]
+            records.append(record)
         return records
+
+    def on_predict_epoch_end(self) -> None:
+        wrote = bool(self._prediction_records)
+        super().on_predict_epoch_end()
+        if wrote:
+            rank_zero_info(f"predict: masks (<t>.png, 0/255) and probabilities (<t>_prob.png, 16-bit p * 65535) per "
+                           f"frame in {self.prediction_path().parent / 'avs_masks'}/<video_id>/")

@@ -467,6 +467,8 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
         return Path(self.trainer.default_root_dir) / "predictions" / f"{self.prediction_name}_predictions.json"
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        if batch_size(batch) == 0:  # every clip of the batch failed to decode (on_decode_error: skip)
+            return {INDEX: batch[INDEX]}
         batch = apply_setting(self.eval_setting, self, batch)
         _, outputs = self(batch)
         result = self.predictions(batch, outputs)

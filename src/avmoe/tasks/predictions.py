@@ -26,13 +26,33 @@ def gather_records(records: list[dict[str, Any]], world_size: int) -> list[dict[
     return [unique[i] for i in sorted(unique)]
 
 
+PROBABILITY_SCALE = 65535  # a probability PNG holds round(p * 65535) as 16-bit grey: read back with / 65535
+
+
 def write_mask_png(path: Path, mask: np.ndarray) -> None:
     """A binary mask (H, W) as an 8-bit PNG (0 / 255), written atomically (padding may write a clip twice)."""
+    _write_png(path, mask.astype(np.uint8) * 255)
+
+
+def write_probability_png(path: Path, prob: np.ndarray) -> None:
+    """Probabilities (H, W) in [0, 1] as a 16-bit grey PNG holding ``round(p * 65535)`` (step 1.5e-5, lossless)."""
+    _write_png(path, np.round(np.clip(prob, 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint16))
+
+
+def read_probability_png(path: Path) -> np.ndarray:
+    """(H, W) float32 probabilities of a PNG written by :func:`write_probability_png`."""
+    from PIL import Image  # noqa: PLC0415
+
+    with Image.open(path) as img:
+        return np.asarray(img).astype(np.float32) / PROBABILITY_SCALE
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image  # noqa: PLC0415
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp)
+    Image.fromarray(array).save(tmp)
     os.replace(tmp, path)
 
 
