@@ -187,7 +187,7 @@ def test_avs_predict_dir_writes_masks_and_probabilities_equal_to_the_test_pipeli
                             audio=LogMelConfig(n_mels=32))
     test = dm.dataset("test")
     probs = torch.sigmoid(_forward(AVSTask, runs["best"]["avs"], [test[i] for i in range(len(test))])["logits"])
-    assert (probs[0] - probs[1]).abs().max() > 1e-3, "different clips must give different maps for the check to bite"
+    assert (probs[0] - probs[1]).abs().max() > 1e-2, "different clips must give different maps for the check to bite"
     for i, vid in enumerate(test.video_ids):
         record = records[str(vid)]
         assert len(record["masks"]) == len(record["probabilities"]) == 5
@@ -198,8 +198,9 @@ def test_avs_predict_dir_writes_masks_and_probabilities_equal_to_the_test_pipeli
             assert mask.shape == prob.shape == (224, 224) and set(np.unique(mask)) <= {0, 255}
             assert 0.0 <= prob.min() and prob.max() <= 1.0
             ref = probs[i, t].numpy()
-            np.testing.assert_allclose(prob, ref, atol=1e-4)
-            decided = np.abs(ref - 0.5) > 1e-3
+            # float32 noise of another batch composition reaches ~1e-4; frames at l + 0.5 s instead differ by ~5e-2
+            np.testing.assert_allclose(prob, ref, atol=1e-3)
+            decided = np.abs(ref - 0.5) > 2e-3
             assert np.array_equal((mask > 0)[decided], (ref > 0.5)[decided])
             assert record["foreground"][t] == pytest.approx((mask > 0).mean(), abs=1e-6)
 
