@@ -1,7 +1,8 @@
 """Time AVE inference of AVMoE (backbone + CMBS head, eval mode, no grad), plain vs each optimisation.
 
 Same protocol as ``bench/train_step.py`` (one process, one model, rows stepped round robin, median reported):
-``plain`` (library attention blocks), ``+fast attention`` (``backbone.fast``), ``+compile`` (regional
+``plain`` (library attention blocks), ``+fast attention`` (``backbone.fast`` without its batched experts),
+``+batched experts`` (the rest of ``backbone.fast``), ``+compile`` (regional
 ``torch.compile``; default on CUDA, ``--compile`` on a CPU), per precision, and ``official`` (the official
 AVMoE AVE forward in eval mode under no_grad, from ``--official ROOT``).
 
@@ -32,9 +33,10 @@ def rows_for(args: argparse.Namespace, device: torch.device) -> list[Row]:
     rows = []
     for precision in args.precision:
         tag = "" if precision == "32-true" else f" {precision}"
-        rows += [Row("plain" + tag, precision=precision), Row("+fast attention" + tag, fast=True, precision=precision)]
+        rows += [Row("plain" + tag, precision=precision), Row("+fast attention" + tag, fast=True, precision=precision),
+                 Row("+batched experts" + tag, fast=True, batched=True, precision=precision)]
         if compile_on:
-            rows.append(Row("+compile" + tag, fast=True, compile=True, precision=precision))
+            rows.append(Row("+compile" + tag, fast=True, batched=True, compile=True, precision=precision))
     return rows
 
 

@@ -2,8 +2,10 @@
 
 One process, one model (same weights): each row switches one optimisation on top of the previous row, and the
 rows are stepped in turn (round robin) so that load from other processes spreads over all of them; the median
-step time is reported. Rows: ``plain`` (library attention blocks, for-loop Adam), ``+fast attention`` (fused
-window attention with cached frozen constants: ``backbone.fast``), ``+fused Adam``, ``+compile`` (regional
+step time is reported. Rows: ``plain`` (library attention blocks, experts one by one, for-loop Adam), ``+fast
+attention`` (fused window attention with cached frozen constants: ``backbone.fast`` without its batched experts),
+``+batched experts`` (all experts of each MoE module in one batched computation: the rest of ``backbone.fast``,
+``models/moe_batched.py``), ``+fused Adam``, ``+compile`` (regional
 ``torch.compile``: ``backbone.compile``; default on CUDA, ``--compile`` on a CPU), each precision in
 ``--precision``, and ``official`` (the official AVMoE AVE code from a local checkout, ``--official ROOT``).
 
@@ -53,6 +55,7 @@ class Row:
 
     name: str
     fast: bool = False
+    batched: bool = False
     fused_adam: bool = False
     compile: bool = False
     precision: str = "32-true"
@@ -104,9 +107,11 @@ def step(task: AVETask, opt: torch.optim.Optimizer, batch: dict, precision: str)
 
 
 def apply_row(task: AVETask, row: Row) -> None:
-    """Switch the backbone's fast path and regional compilation to the row's setting (same weights)."""
+    """Switch the backbone's fast path, batched experts and regional compilation to the row's setting (same
+    weights)."""
     backbone = task.backbone
     backbone.config.fast = row.fast
+    backbone.batch_experts = row.batched
     for unit in backbone._compiled.values():
         unit.enabled = row.compile
 
@@ -118,9 +123,11 @@ def rows_for(args: argparse.Namespace, device: torch.device) -> list[Row]:
         tag = "" if precision == "32-true" else f" {precision}"
         rows += [Row("plain" + tag, precision=precision),
                  Row("+fast attention" + tag, fast=True, precision=precision),
-                 Row("+fused Adam" + tag, fast=True, fused_adam=True, precision=precision)]
+                 Row("+batched experts" + tag, fast=True, batched=True, precision=precision),
+                 Row("+fused Adam" + tag, fast=True, batched=True, fused_adam=True, precision=precision)]
         if compile_on:
-            rows.append(Row("+compile" + tag, fast=True, fused_adam=True, compile=True, precision=precision))
+            rows.append(Row("+compile" + tag, fast=True, batched=True, fused_adam=True, compile=True,
+                            precision=precision))
     return rows
 
 

@@ -1,5 +1,6 @@
-"""The fast paths equal the plain ones: fused window attention vs the library blocks, the fast backbone vs the
-plain backbone for every paper config, cached frozen constants invalidated when they must be, compile fallback."""
+"""The fast paths equal the plain ones: fused window attention vs the library blocks, batched MoE experts vs the
+experts one by one, the fast backbone vs the plain backbone for every paper config, cached frozen constants
+invalidated when they must be, compile fallback."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from avmoe.models import AVMoEBackbone, tiny_config
 from avmoe.models.backbones import htsat, swin
 from avmoe.models.backbones.windows import FrozenCache
 from avmoe.models.compile import RegionalCompile
+from avmoe.models.config import AdapterConfig
+from avmoe.models.moe import MoEAdapter
+from avmoe.models.moe_batched import batched_moe_forward
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*RANDOM weights"), pytest.mark.usefixtures("one_thread")]
 
@@ -119,6 +123,65 @@ def test_htsat_fast_block_equals_library() -> None:
     assert len(cache) > 0
 
 
+# ------------------------------------------------------------------------------ batched experts, every paper config
+def _adapter_step(module: MoEAdapter, fn, x: Tensor, other: Tensor, cotangent: Tensor) -> tuple[list[Tensor], dict]:
+    """Forward + backward of one adapter: outputs, router weights, lb loss, every gradient, BN running stats."""
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # same router noise on both computations
+    out, weights, lb = fn(module, x, other)
+    (out * cotangent).sum().add(weights.square().sum() + lb).backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return [out, weights, lb, *[b.clone() for b in module.buffers()]], grads
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("task", PAPER_TASKS)
+def test_batched_experts_equal_experts_one_by_one(task: str, train: bool) -> None:
+    cfg = AdapterConfig(**_task_backbone(task)["adapter"])
+    torch.manual_seed(0)
+    batched = MoEAdapter(32, 24, 12, 20, cfg, gated=True).train(train)  # dim, other dim, tokens, other tokens
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # open gates, non-trivial LayerNorm affines and BN running statistics
+        for name, p in batched.named_parameters():
+            if name.endswith("gate") or name.endswith("gate_av"):
+                p.fill_(0.5)
+            elif "ln_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        for name, b in batched.named_buffers():
+            if name.endswith("running_mean") or name.endswith("running_var"):
+                b.add_(torch.rand(b.shape, generator=g))
+    plain = copy.deepcopy(batched)
+    x, other, cotangent = torch.randn(6, 12, 32, generator=g), torch.randn(6, 20, 24, generator=g), \
+        torch.randn(6, 12, 32, generator=g)
+    out_plain, grads_plain = _adapter_step(plain, lambda m, a, b: m(a, b), x, other, cotangent)
+    out_batched, grads_batched = _adapter_step(batched, batched_moe_forward, x, other, cotangent)
+    for ref, got in zip(out_plain, out_batched, strict=True):  # incl. BN running stats (per expert)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert grads_plain.keys() == grads_batched.keys() == {n for n, _ in plain.named_parameters()}
+    for name in grads_plain:
+        torch.testing.assert_close(grads_batched[name], grads_plain[name], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert batched.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_fast_backbone_runs_the_batched_experts() -> None:
+    plain, fast = _pair(tiny_config())
+    calls = {"plain": 0, "batched": 0}
+    for key, unit in (("plain", fast._compiled["moe_adapter"]), ("batched", fast._compiled["moe_adapter.batched"])):
+        def counted(*args, _fn=unit.fn, _key=key):
+            calls[_key] += 1
+            return _fn(*args)
+        unit.fn = counted
+    video, audio = _inputs(b=1)
+    fast.eval()
+    with torch.no_grad():
+        fast(video, audio)
+        assert calls["batched"] > 0 and calls["plain"] == 0
+        fast.batch_experts = False  # fast attention alone (the bench's "+fast attention" row)
+        fast(video, audio)
+    assert calls["plain"] == calls["batched"]
+
+
 # --------------------------------------------------------------------------------- backbone, every paper config
 @pytest.mark.parametrize("task", PAPER_TASKS)
 def test_fast_backbone_equals_plain_for_paper_config(task: str) -> None:
@@ -182,7 +245,8 @@ def test_compile_unsupported_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch
         out = fast(video, audio).visual_tokens
     with torch.no_grad():
         torch.testing.assert_close(out, plain(video, audio).visual_tokens, rtol=1e-4, atol=1e-4)
-    assert not any(unit.enabled for unit in fast._compiled.values())
+    used = [unit for name, unit in fast._compiled.items() if name != "moe_adapter"]  # experts one by one: plain path
+    assert used and not any(unit.enabled for unit in used)
     assert fast.compile_seconds == 0.0
 
 

@@ -43,6 +43,7 @@ from avmoe.callbacks.progress import default_progress_bar
 from avmoe.callbacks.router_usage import RouterUsage
 from avmoe.callbacks.robustness import RobustEval, run_sweep
 from avmoe.callbacks.seeding import StepSeeding
+from avmoe.callbacks.tf32 import TF32Matmul
 from avmoe.ckpt_hparams import describe_overrides, merge_hparams
 from avmoe.errors import DEBUG_ENV, debug_enabled, user_error_message
 from avmoe.quiet import quiet_known_warnings
@@ -90,6 +91,10 @@ class RunConfig:
     router_usage: bool = True
     """Record router / expert usage per MoE module and expert every epoch (RouterUsage: TensorBoard scalars and
     heat map, router_usage/{train,val}.json)."""
+    tf32: bool = False
+    """On a CUDA device, let fp32 matmuls and convolutions use TF32 tensor cores (``torch.backends.cuda.matmul.
+    allow_tf32``, ``torch.backends.cudnn.allow_tf32``) for the run (TF32Matmul; previous values restored after).
+    No effect on a CPU. On in trainer/gpu.yaml, ddp.yaml and multinode.yaml; ``--run.tf32 false`` keeps IEEE fp32."""
     overwrite: bool = False
     """fit only: start from scratch in a run folder that already holds a run, deleting its checkpoints, TensorBoard
     events, CSV logs and metrics first. Without it (and without resume / --ckpt_path) fit refuses to touch them."""
@@ -176,6 +181,8 @@ class AVMoECLI(LightningCLI):
         if config.get("enable_checkpointing") is not False and not any(
                 isinstance(c, (OnExceptionCheckpoint, Preemption)) for c in existing):
             extra.append(Preemption(dirpath=str(ckpt_dir)))
+        if run.tf32 and not any(isinstance(c, TF32Matmul) for c in existing):
+            extra.append(TF32Matmul())
         if run.router_usage and not any(isinstance(c, RouterUsage) for c in existing):
             extra.append(RouterUsage(str(run.folder / "router_usage")))
         if config.get("enable_model_summary") in (None, True) and not any(isinstance(c, ModelSummary)

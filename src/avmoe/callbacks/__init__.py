@@ -16,6 +16,7 @@ from avmoe.callbacks.progress import LineProgressBar, default_progress_bar
 from avmoe.callbacks.robustness import RobustEval
 from avmoe.callbacks.router_usage import RouterUsage, router_statistics
 from avmoe.callbacks.seeding import StepSeeding
+from avmoe.callbacks.tf32 import TF32Matmul
 from avmoe.callbacks.valuation import ModalityValuation, shapley_contributions
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "RouterUsage",
     "Relearning",
     "StepSeeding",
+    "TF32Matmul",
     "default_progress_bar",
     "kmeans_purity",
     "latest_checkpoint",

@@ -29,6 +29,7 @@ from .compile import RegionalCompile
 from .config import AVMoEConfig
 from .mixup import mix_log_mel
 from .moe import MoEAdapter
+from .moe_batched import batched_moe_forward
 from .outputs import BackboneOutput
 
 Grid = tuple[int, int]
@@ -89,8 +90,12 @@ class AVMoEBackbone(nn.Module):
         self._compiled = {
             name: RegionalCompile(fn, config.compile, name)
             for name, fn in [("swin.window_core", swin.window_core), ("htsat.window_core", htsat.window_core),
-                             ("swin.mlp_half", swin.mlp_half), ("moe_adapter", _moe_call)]
+                             ("swin.mlp_half", swin.mlp_half), ("moe_adapter", _moe_call),
+                             ("moe_adapter.batched", batched_moe_forward)]
         }
+        # Part of the fast path: all experts of an MoE module in one batched computation (models/moe_batched.py).
+        # Only read when ``config.fast`` is on; False times / compares the fast attention alone (bench/train_step.py).
+        self.batch_experts = True
         self.train(self.training)
 
     # ----------------------------------------------------------------------------------------------- construction
@@ -298,6 +303,8 @@ class AVMoEBackbone(nn.Module):
         return htsat.block_fast(ablk, fa, hw, self._frozen_cache, self._compiled["htsat.window_core"])
 
     def _moe(self, module: MoEAdapter, x: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.config.fast and self.batch_experts:
+            return self._compiled["moe_adapter.batched"](module, x, other)
         return self._compiled["moe_adapter"](module, x, other)
 
     def _paired_block(

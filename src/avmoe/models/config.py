@@ -140,8 +140,10 @@ class AVMoEConfig:
     compute)."""
     fast: bool = True
     """Fused window attention (``scaled_dot_product_attention``) with the frozen position bias, shift mask and
-    q/k/v weights cached once per block; equal to the library forward up to float rounding. False: the library
-    blocks as they are (the reference the fast path is tested against)."""
+    q/k/v weights cached once per block, and the experts of each MoE module computed together
+    (``models/moe_batched.py``); equal to the library forward and the experts one by one up to float rounding, same
+    parameters. False: the library blocks and the experts as they are (the reference the fast path is tested
+    against)."""
     compile: bool = False
     """Regional ``torch.compile`` of the block types (window attention, Swin MLP half, MoE adapter), compiled once
     per shape and reused across blocks; eager with a warning where unsupported. On in ``trainer/gpu.yaml``."""

@@ -29,10 +29,12 @@ class GroupedLinear(nn.Module):
         bound = 1.0 / math.sqrt(in_dim // groups)  # Conv2d default init (kaiming_uniform, a=sqrt(5))
         nn.init.uniform_(self.weight, -bound, bound)
 
+    def dense_weight(self) -> Tensor:  # (out, in), block-diagonal over the groups
+        return self.weight[0] if self.groups == 1 else torch.block_diag(*self.weight.unbind(0))
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         # One dense GEMM with a block-diagonal weight: the weights are tiny, a single kernel beats g small ones.
-        weight = self.weight[0] if self.groups == 1 else torch.block_diag(*self.weight.unbind(0))
-        return F.linear(x, weight)
+        return F.linear(x, self.dense_weight())
 
 
 class TokenMapping(nn.Module):
@@ -148,8 +150,13 @@ class CrossModalExpert(nn.Module):
         self.bottleneck = Bottleneck(dim, cfg.reduction, cfg.conv_groups, cfg.use_bn, activation=True)
         self.gate = nn.Parameter(torch.zeros(1)) if gated else None
 
+    reads_input = False  # the bottleneck reads the fused tokens, not x itself
+
+    def pre(self, x: Tensor, y: Tensor) -> Tensor:  # (M, N, C), (M, N, C) -> (M, N, C): the bottleneck's input
+        return self.fusion(x, y)
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:  # (M, N, C), (M, N, C) -> (M, N, C), ungated
-        return self.bottleneck(self.fusion(x, y))
+        return self.bottleneck(self.pre(x, y))
 
 
 class UnimodalExpert(nn.Module):
@@ -177,6 +184,14 @@ class UnimodalExpert(nn.Module):
             raise ValueError(f"unknown uni_expert {self.variant!r}")
         self.bottleneck = Bottleneck(dim, cfg.reduction, cfg.conv_groups, cfg.use_bn, activation=False)
         self.gate = nn.Parameter(torch.zeros(1)) if gated else None
+
+    @property
+    def reads_input(self) -> bool:
+        """True when the bottleneck reads x itself (``linear``): such experts can share x's LayerNorm."""
+        return self.variant == "linear"
+
+    def pre(self, x: Tensor, y: Tensor) -> Tensor:  # (M, N, C) -> (M, N, C): the bottleneck's input; y unused
+        return self._pre(x)
 
     def _pre(self, x: Tensor) -> Tensor:  # (M, N, C) -> (M, N, C)
         if self.variant == "param_free":

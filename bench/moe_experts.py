@@ -1,0 +1,125 @@
+"""Time one MoE adapter forward + backward at paper-scale shapes: experts one by one vs batched.
+
+Module level (no encoders): one :class:`~avmoe.models.moe.MoEAdapter` with a paper config's adapter settings, at
+the token counts and widths of the paper-scale model (Swin-V2-L/12 @192 + HTS-AT tiny, the same for every task),
+M frames (default 10 = one AVE clip), for each adapted stage and side (``a``: audio tokens reading the visual
+stream, ``v``: the reverse). ``plain`` = :meth:`MoEAdapter.forward` (experts one by one, the reference),
+``batched`` = :func:`avmoe.models.moe_batched.batched_moe_forward` (the ``backbone.fast`` path). Both run on the
+same module and inputs, stepped in turn (round robin) ``--rounds`` times after one warm-up; the median of each is
+reported, and the outputs and gradients of the two are checked equal first.
+
+    OMP_NUM_THREADS=1 python bench/moe_experts.py --threads 1
+    python bench/moe_experts.py --threads 2 --configs ave avqa --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from avmoe.models.config import AVMoEConfig  # noqa: E402
+from avmoe.models.moe import MoEAdapter  # noqa: E402
+from avmoe.models.moe_batched import batched_moe_forward  # noqa: E402
+from avmoe.models.presets import PAPER_CONFIGS, paper_config  # noqa: E402
+
+
+def paper_shapes(cfg: AVMoEConfig) -> list[tuple[int, str, int, int, int, int]]:
+    """(stage, side, dim, other_dim, tokens, other_tokens) of every adapted stage, from the config's encoder sizes
+    (the grids halve per stage as in :func:`avmoe.models.backbones.swin.stage_grids`)."""
+    vgrid, agrid = cfg.visual.image_size // cfg.visual.patch_size, cfg.audio.spec_size // cfg.audio.patch_size
+    out = []
+    for s in range(len(cfg.visual.depths)):
+        skip = cfg.adapter.num_skip
+        if not (skip > 1 and (s + 1) % skip == 0):
+            cv, ca = cfg.visual.embed_dim * 2**s, cfg.audio.hidden_size * 2**s
+            nv, na = vgrid**2, agrid**2
+            out += [(s, "a", ca, cv, na, nv), (s, "v", cv, ca, nv, na)]
+        vgrid, agrid = (vgrid + 1) // 2, (agrid + 1) // 2
+    return out
+
+
+def runners(module: MoEAdapter, x: torch.Tensor, other: torch.Tensor) -> dict[str, Callable[[], None]]:
+    grad = torch.randn_like(x)
+
+    def make(fn: Callable) -> Callable[[], None]:
+        def run() -> None:
+            module.zero_grad(set_to_none=True)
+            out, weights, lb = fn(module, x, other)
+            torch.autograd.backward([out, weights.sum() + lb], [grad, None])
+        return run
+
+    return {"plain": make(lambda m, a, b: m(a, b)), "batched": make(batched_moe_forward)}
+
+
+def check_equal(module: MoEAdapter, x: torch.Tensor, other: torch.Tensor) -> None:
+    """Outputs, router weights and every gradient of the two computations (fp32, same module, eval-mode BN)."""
+    module.eval()
+    results = []
+    for fn in (lambda m, a, b: m(a, b), batched_moe_forward):
+        module.zero_grad(set_to_none=True)
+        out, weights, _ = fn(module, x, other)
+        out.square().mean().backward()
+        results.append((out, weights, {n: p.grad.clone() for n, p in module.named_parameters()}))
+    (o1, w1, g1), (o2, w2, g2) = results
+    torch.testing.assert_close(o2, o1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w2, w1)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-3, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    module.train()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["ave", "avvp", "avs_s4", "avs_ms3", "avqa"],
+                        choices=sorted(PAPER_CONFIGS))
+    parser.add_argument("--frames", type=int, default=10, help="M = B*T frames (10: one AVE clip)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 2],
+                        help="adapted stages to time (default: the AVE config's, 0 and 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), M = {args.frames}, median of {args.rounds} rounds")
+    print("| config | stage | side | C | N | C' | N' | plain ms | batched ms | plain / batched |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in args.configs:
+        cfg = paper_config(name)
+        for stage, side, dim, odim, tokens, otokens in paper_shapes(cfg):
+            if stage not in args.stages:
+                continue
+            torch.manual_seed(0)
+            module = MoEAdapter(dim, odim, tokens, otokens, cfg.adapter, gated=True).train()
+            with torch.no_grad():  # open the zero-initialised gates: every expert reaches the output
+                for pname, p in module.named_parameters():
+                    if pname.endswith("gate") or pname.endswith("gate_av"):
+                        p.fill_(0.5)
+            x, other = torch.randn(args.frames, tokens, dim), torch.randn(args.frames, otokens, odim)
+            check_equal(module, x, other)
+            fns = runners(module, x, other)
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for fn in fns.values():
+                fn()  # warm-up
+            for _ in range(args.rounds):
+                for key, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[key].append(time.perf_counter() - start)
+            med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            rows.append({"config": name, "stage": stage, "side": side, **med})
+            print(f"| {name} | {stage} | {side} | {dim} | {tokens} | {odim} | {otokens} | {med['plain']:.1f} "
+                  f"| {med['batched']:.1f} | {med['plain'] / med['batched']:.3f}x |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
