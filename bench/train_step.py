@@ -4,8 +4,8 @@ One process, one model (same weights): each row switches one optimisation on top
 rows are stepped in turn (round robin) so that load from other processes spreads over all of them; the median
 step time is reported. Rows: ``plain`` (library attention blocks, experts one by one, for-loop Adam), ``+fast
 attention`` (fused window attention with cached frozen constants: ``backbone.fast`` without its batched experts),
-``+batched experts`` (all experts of each MoE module in one batched computation: the rest of ``backbone.fast``,
-``models/moe_batched.py``), ``+fused Adam``, ``+compile`` (regional
+``+batched experts`` (the rest of ``backbone.fast``: the ``linear`` unimodal experts of each MoE module share one
+LayerNorm and one down-projection GEMM, ``models/moe_batched.py``), ``+fused Adam``, ``+compile`` (regional
 ``torch.compile``: ``backbone.compile``; default on CUDA, ``--compile`` on a CPU), each precision in
 ``--precision``, and ``official`` (the official AVMoE AVE code from a local checkout, ``--official ROOT``).
 

@@ -93,7 +93,7 @@ class AVMoEBackbone(nn.Module):
                              ("swin.mlp_half", swin.mlp_half), ("moe_adapter", _moe_call),
                              ("moe_adapter.batched", batched_moe_forward)]
         }
-        # Part of the fast path: all experts of an MoE module in one batched computation (models/moe_batched.py).
+        # Part of the fast path: the MoE experts' shared work done once (models/moe_batched.py).
         # Only read when ``config.fast`` is on; False times / compares the fast attention alone (bench/train_step.py).
         self.batch_experts = True
         self.train(self.training)

@@ -140,9 +140,9 @@ class AVMoEConfig:
     compute)."""
     fast: bool = True
     """Fused window attention (``scaled_dot_product_attention``) with the frozen position bias, shift mask and
-    q/k/v weights cached once per block, and the experts of each MoE module computed together
-    (``models/moe_batched.py``); equal to the library forward and the experts one by one up to float rounding, same
-    parameters. False: the library blocks and the experts as they are (the reference the fast path is tested
+    q/k/v weights cached once per block, and the ``linear`` unimodal experts of each MoE module sharing one
+    LayerNorm and one down-projection GEMM (``models/moe_batched.py``); equal to the library forward and the
+    experts one by one up to float rounding, same parameters. False: the library blocks and the experts as they are (the reference the fast path is tested
     against)."""
     compile: bool = False
     """Regional ``torch.compile`` of the block types (window attention, Swin MLP half, MoE adapter), compiled once
