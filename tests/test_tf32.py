@@ -60,9 +60,10 @@ def test_callback_sets_tf32_on_cuda_and_restores(ieee_fp32) -> None:
 
 def test_run_tf32_adds_the_callback_and_is_a_no_op_on_cpu(ieee_fp32, tmp_path) -> None:
     def built(*extra: str) -> tuple:
-        cli = AVMoECLI(AVTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                       args=["--config", str(CONFIGS / "demo.yaml"), f"--run.root={tmp_path}",
-                             "--trainer.accelerator=cpu", "--trainer.logger=false", *extra])
+        with mock.patch("sys.argv", ["avmoe"]):
+            cli = AVMoECLI(AVTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                           args=["--config", str(CONFIGS / "demo.yaml"), f"--run.root={tmp_path}",
+                                 "--trainer.accelerator=cpu", "--trainer.logger=false", *extra])
         return cli.trainer, cli.model
 
     trainer, model = built("--run.tf32=true")

@@ -92,9 +92,9 @@ class RunConfig:
     """Record router / expert usage per MoE module and expert every epoch (RouterUsage: TensorBoard scalars and
     heat map, router_usage/{train,val}.json)."""
     tf32: bool = False
-    """On a CUDA device, let fp32 matmuls and convolutions use TF32 tensor cores (``torch.backends.cuda.matmul.
-    allow_tf32``, ``torch.backends.cudnn.allow_tf32``) for the run (TF32Matmul; previous values restored after).
-    No effect on a CPU. On in trainer/gpu.yaml, ddp.yaml and multinode.yaml; ``--run.tf32 false`` keeps IEEE fp32."""
+    """On a CUDA device, let fp32 matmuls and convolutions use TF32 tensor cores for the run (TF32Matmul sets
+    torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32, restores them after). No effect on a
+    CPU. On in trainer/gpu.yaml, ddp.yaml and multinode.yaml; --run.tf32 false keeps IEEE fp32."""
     overwrite: bool = False
     """fit only: start from scratch in a run folder that already holds a run, deleting its checkpoints, TensorBoard
     events, CSV logs and metrics first. Without it (and without resume / --ckpt_path) fit refuses to touch them."""
