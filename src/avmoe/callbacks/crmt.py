@@ -14,15 +14,26 @@ Source: github.com/GeWu-Lab/Certifiable-Robust-Multi-modal-Training ``train.py``
    task's (``optim`` in the stage-2 config), not the official SGD(lr 0.03 lr, momentum 0.9, wd 1e-2).
 
 At test time (any stage, once the constants exist) the certified lower bound of every clip with a class is
-computed and its mean logged as ``test/crmt_bound`` (so it lands in the test's metrics JSON, e.g. ``metrics/test_test.json``).
+computed on the clean input: its mean is logged as ``test/crmt_bound`` (so it lands in the test's metrics JSON,
+e.g. ``metrics/test_test.json``) and every clip's value is written to ``crmt_bound_<metrics file stem>.csv`` beside
+that JSON (``metrics/crmt_bound_test_test.csv`` for a standalone ``test``, ``metrics/crmt_bound_test.csv`` after
+fit; without a :class:`~avmoe.callbacks.metrics_json.MetricsJSON` writer ``<default_root_dir>/metrics/
+crmt_bound_test.csv``): one row per clip with a class (``index``, ``video_id``, ``label``, ``prediction``,
+``runner_up``, ``bound``), gathered over the DDP ranks once per sample index, sorted by index; the JSON names the
+file under ``files.crmt_bound``. Under a robustness setting (``robustness.setting`` or a sweep row) nothing is
+reported: the radius certifies the clean input.
 
 Only tasks whose class prediction is a linear fusion of per-modality features qualify: AVE with ``crmt: true``
-(the clip class from :class:`~avmoe.models.crmt.OrthogonalFusion`). The AVE CMBS head, AVVP's HAN, the AVS decoder
-and AVQA's question-conditioned fusion are not linear fusions; fit fails at start with the reason.
+(the clip class from :class:`~avmoe.models.crmt.OrthogonalFusion`). The AVE CMBS head, AVVP's MGN / HAN heads, the
+AVS decoder and AVQA's question-conditioned fusion are not linear fusions; the callback fails at setup (fit,
+validate or test) with the reason (and ``crmt: true`` on those tasks fails at construction).
 """
 
 from __future__ import annotations
 
+import csv
+import os
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
@@ -30,11 +41,14 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from avmoe.callbacks._distributed import all_reduce_max, all_reduce_sum
-from avmoe.datamodules.batch import SKIPPED, batch_size
+from avmoe.callbacks._distributed import all_reduce_max
+from avmoe.datamodules.batch import INDEX, SKIPPED, batch_size
 from avmoe.models.crmt import (CRMT_AT_EPS, CRMT_RHO, OrthogonalFusion, certified_bound, crmt_at_inputs,
-                               lipschitz_constants, margin_loss, stage2_loss)
+                               lipschitz_constants, margin_loss, runner_up, stage2_loss)
 from avmoe.robustness.setting import model_inputs
+from avmoe.tasks.predictions import gather_records
+
+BOUND_COLUMNS = ("index", "video_id", "label", "prediction", "runner_up", "bound")
 
 
 def crmt_fusion(task: LightningModule) -> OrthogonalFusion:
@@ -43,7 +57,9 @@ def crmt_fusion(task: LightningModule) -> OrthogonalFusion:
     if isinstance(fusion, OrthogonalFusion):
         return fusion
     name = type(task).__name__
-    hint = (" Set model.init_args.crmt: true (the clip class from a CRMT orthogonal fusion of the pooled features)."
+    reason = getattr(task, "crmt_unsupported", None)  # the task's own account of its head
+    hint = (f" {reason}" if reason else
+            " Set model.init_args.crmt: true (the clip class from a CRMT orthogonal fusion of the pooled features)."
             if hasattr(task, "crmt_fusion") else
             " Its head is not a linear fusion of per-modality features (CRMT's certified bound needs one).")
     raise ValueError(f"CRMT needs a task whose prediction is a linear fusion of per-modality features; {name} has "
@@ -69,13 +85,13 @@ class CRMT(Callback):
             raise ValueError(f"CRMT stage must be 1 or 2, got {stage}")
         self.stage, self.rho, self.adversarial = stage, rho, adversarial
         self.at_eps, self.at_steps, self.lipschitz_batches = at_eps, at_steps, lipschitz_batches
-        self._bound_sum = torch.zeros(2)
+        self._records: list[dict[str, Any]] = []
 
     # ---- fit ----------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        fusion = crmt_fusion(pl_module)  # every stage: a task without a CRMT fusion head fails here, with the reason
         if stage != "fit":
             return
-        fusion = crmt_fusion(pl_module)
         if self.stage == 2:  # before configure_optimizers: the optimizer then holds a^m only
             keep = {id(p) for p in fusion.a.parameters()}
             for p in pl_module.parameters():
@@ -146,24 +162,71 @@ class CRMT(Callback):
         batch.update(to_batch(adv))
 
     # ---- test: the certified bound ---------------------------------------------------------------------------
+    @staticmethod
+    def _reports(pl_module: Any) -> bool:
+        """Whether this evaluation reports the bound: a CRMT fusion with Lipschitz constants, on clean input."""
+        fusion = getattr(pl_module, "crmt_fusion", None)
+        setting = getattr(pl_module, "eval_setting", None)
+        return (isinstance(fusion, OrthogonalFusion) and bool(fusion.lipschitz.any())
+                and (setting is None or setting.is_clean))
+
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._bound_sum = torch.zeros(2, device=pl_module.device)
+        self._records = []
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
                           dataloader_idx: int = 0) -> None:
-        fusion = getattr(pl_module, "crmt_fusion", None)
-        if not isinstance(fusion, OrthogonalFusion) or not bool(fusion.lipschitz.any()) or batch_size(batch) == 0:
+        if not self._reports(pl_module) or batch_size(batch) == 0:
             return
-        with torch.no_grad():
-            _, out = pl_module(batch)
-            uni, fused, labels, _ = pl_module.crmt_logits(out, batch)
-            if len(labels):
-                r = certified_bound(uni, fused, labels, dict(fusion.a), fusion.fc.bias, fusion.lipschitz_dict())
-                self._bound_sum += torch.stack([r.float().sum(), torch.tensor(float(len(r)), device=r.device)])
+        self._records.extend(self.bound_records(pl_module, batch))
+
+    @staticmethod
+    @torch.no_grad()
+    def bound_records(pl_module: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """One record per clip of ``batch`` with a class: its certified bound, fused prediction and runner-up."""
+        fusion = pl_module.crmt_fusion
+        _, out = pl_module(batch)
+        uni, fused, labels, rows = pl_module.crmt_logits(out, batch)
+        if not len(labels):
+            return []
+        bound = certified_bound(uni, fused, labels, dict(fusion.a), fusion.fc.bias, fusion.lipschitz_dict())
+        second = runner_up(fused, labels)  # the class j the bound is taken against
+        vids = batch.get("video_id")
+        columns = zip(batch[INDEX][rows].tolist(), rows.tolist(), labels.tolist(), fused.argmax(dim=1).tolist(),
+                      second.tolist(), bound.float().tolist())
+        return [{"index": int(i), "video_id": None if vids is None else str(vids[r]), "label": int(y),
+                 "prediction": int(p), "runner_up": int(j), "bound": float(b)} for i, r, y, p, j, b in columns]
+
+    @staticmethod
+    def bound_path(trainer: Trainer, split: str = "test") -> tuple[Path, Any]:
+        """The per-sample file beside the split's metrics JSON, and that JSON's writer (or None)."""
+        from avmoe.callbacks.metrics_json import MetricsJSON  # noqa: PLC0415
+
+        writer = next((c for c in trainer.callbacks if isinstance(c, MetricsJSON)), None)
+        if writer is None:
+            return Path(trainer.default_root_dir) / "metrics" / f"crmt_bound_{split}.csv", None
+        json_path = writer.path(split)
+        return json_path.with_name(f"crmt_bound_{json_path.stem}.csv"), writer
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        fusion = getattr(pl_module, "crmt_fusion", None)
-        if not isinstance(fusion, OrthogonalFusion) or not bool(fusion.lipschitz.any()):
+        if not self._reports(pl_module):
             return
-        total, count = all_reduce_sum(self._bound_sum).tolist()  # eval samplers do not repeat samples
-        pl_module.log("test/crmt_bound", total / max(count, 1.0), sync_dist=False, rank_zero_only=False)
+        records = gather_records(self._records, trainer.world_size)  # every rank: a collective under DDP
+        self._records = []
+        mean = sum(r["bound"] for r in records) / max(len(records), 1)
+        pl_module.log("test/crmt_bound", mean, sync_dist=False, rank_zero_only=False)  # identical on every rank
+        path, writer = self.bound_path(trainer)
+        if writer is not None:
+            writer.attach_file("test", "crmt_bound", path.name)
+        if trainer.is_global_zero:
+            write_csv_atomic(path, records, BOUND_COLUMNS)
+
+
+def write_csv_atomic(path: Path, records: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    """CSV through a temporary file and ``os.replace`` (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(tmp, path)

@@ -9,6 +9,9 @@ File names (``<run folder>/metrics/``):
 Each holds the evaluated checkpoint's path with the epoch and step stored in it (``checkpoint: null`` for the
 in-training validation), the subcommand and the metrics.
 
+Other callbacks may name files they wrote beside it (:meth:`MetricsJSON.attach_file`; CRMT's per-sample certified
+bounds): ``files`` maps a name to the file's name in the same folder.
+
 With a DataModule that skips undecodable clips (``AVDataModule(on_decode_error="skip")``) the files also hold
 ``num_skipped`` (skipped samples so far, every rank) and ``skipped_clips`` (path -> reason).
 """
@@ -45,6 +48,11 @@ class MetricsJSON(Callback):
     def __init__(self, dirpath: str, subcommand: str = "fit") -> None:
         self.dirpath = Path(dirpath)
         self.subcommand = subcommand
+        self._files: dict[str, dict[str, str]] = {}
+
+    def attach_file(self, split: str, name: str, filename: str) -> None:
+        """Name ``filename`` (in the metrics folder) under ``files.<name>`` of the split's next JSON."""
+        self._files.setdefault(split, {})[name] = filename
 
     def path(self, split: str) -> Path:
         prefix = "" if self.subcommand == "fit" else f"{self.subcommand}_"
@@ -59,6 +67,7 @@ class MetricsJSON(Callback):
 
     def _write(self, trainer: Any, split: str) -> None:
         datamodule = self._sync_skipped(trainer)
+        files = self._files.pop(split, None)  # every rank: none is left over for a later run
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
@@ -77,6 +86,8 @@ class MetricsJSON(Callback):
             details = extra(split)
             if details:
                 payload["details"] = details
+        if files:
+            payload["files"] = files
         if getattr(datamodule, "on_decode_error", None) == "skip":
             payload.update(num_skipped=datamodule.num_skipped, skipped_clips=dict(datamodule.skipped_clips))
         write_json_atomic(self.path(split), payload, sort_keys=True)

@@ -69,8 +69,15 @@ class AVQATask(AVTask):
             ``avqa_predictions.json``.
         predict_top_k: ``predict`` lists the k most probable answers of each question with their probabilities.
         unimodal: uni-modal predictions for the balancing callbacks (zeroed features or auxiliary heads).
+        crmt: not available (True raises ValueError): the head is not a linear fusion of per-modality
+            features (``crmt_unsupported`` says why).
     """
 
+    crmt_unsupported = (
+        "AVQA's answer logits are classifier(tanh(fusion(tanh([audio; visual])) * question)): both modalities "
+        "pass through tanh and are multiplied with the question embedding, so the answer is not a linear fusion "
+        "of per-modality features (CRMT's certified bound needs one)."
+    )
     monitor = "val/acc"
     monitor_mode = "max"
 
@@ -85,7 +92,9 @@ class AVQATask(AVTask):
         predictions_file: Optional[str] = None,
         unimodal: UnimodalConfig = UnimodalConfig(),
         predict_top_k: int = 5,
+        crmt: bool = False,
     ) -> None:
+        self.refuse_crmt(crmt)
         super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
         if predict_top_k < 1:
             raise ValueError(f"predict_top_k must be >= 1, got {predict_top_k}")

@@ -119,8 +119,15 @@ class AVSTask(AVTask):
         visual_only_eval: evaluate (val / test / predict) with the audio replaced by silence.
         metric_clips_per_batch: clips per call of the official metric aggregation (4 as the official test).
         unimodal: uni-modal predictions for the balancing callbacks (zeroed features or auxiliary heads).
+        crmt: not available (True raises ValueError): the head is not a linear fusion of per-modality
+            features (``crmt_unsupported`` says why).
     """
 
+    crmt_unsupported = (
+        "The AVS output is a per-pixel mask from the TPAVI audio-visual non-local fusion and a convolutional "
+        "decoder, not class logits that are a linear fusion of per-modality features (CRMT's certified bound is "
+        "defined for such a classifier)."
+    )
     monitor = "val/mj"
     monitor_mode = "max"
 
@@ -133,7 +140,9 @@ class AVSTask(AVTask):
         visual_only_eval: bool = False,
         metric_clips_per_batch: int = OFFICIAL_CLIPS_PER_BATCH,
         unimodal: UnimodalConfig = UnimodalConfig(),
+        crmt: bool = False,
     ) -> None:
+        self.refuse_crmt(crmt)
         self.metric_clips_per_batch = metric_clips_per_batch  # read by make_metric inside super().__init__
         super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
         self.head_config = as_config(AVSHeadConfig, head)

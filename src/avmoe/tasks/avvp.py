@@ -73,8 +73,17 @@ class AVVPTask(AVTask):
         loss: label smoothing and class-token loss weight.
         optim: optimizer and schedule (official: Adam 3e-4, StepLR(10, 0.1)).
         unimodal: uni-modal predictions for the balancing callbacks (zeroed features or auxiliary heads).
+        crmt: not available (True raises ValueError): the head is not a linear fusion of per-modality
+            features (``crmt_unsupported`` says why).
     """
 
+    crmt_unsupported = (
+        "AVVP's heads are not a linear fusion of per-modality features: MGN's video-level probabilities come from "
+        "the audio class groups re-grouped by the visual ones (attention) and sigmoid(fc_prob(.)), the MMIL "
+        "head's from HAN cross-attention and an input-dependent softmax over the two modalities; AVVP is also "
+        "multi-label (one sigmoid per class), while CRMT's margin and certified bound are defined for one softmax "
+        "class per sample."
+    )
     monitor = "val/segment_type"
     monitor_mode = "max"
 
@@ -85,7 +94,9 @@ class AVVPTask(AVTask):
         loss: AVVPLossConfig = AVVPLossConfig(),
         optim: OptimConfig = OptimConfig(lr=3e-4, step_size=10, gamma=0.1),
         unimodal: UnimodalConfig = UnimodalConfig(),
+        crmt: bool = False,
     ) -> None:
+        self.refuse_crmt(crmt)
         super().__init__(backbone=backbone, optim=optim, unimodal=unimodal)
         self.head_config = as_config(AVVPHeadConfig, head)
         self.loss_config = as_config(AVVPLossConfig, loss)

@@ -249,6 +249,14 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
         """Per-sample training loss (B,) of an auxiliary head's outputs."""
         raise NotImplementedError(f"{type(self).__name__} has no auxiliary uni-modal heads; use unimodal.mode: zero")
 
+    crmt_unsupported: Optional[str] = None
+    """Why the task's head cannot take CRMT (not a linear fusion of per-modality features); None: it can."""
+
+    def refuse_crmt(self, crmt: bool) -> None:
+        """``crmt: true`` on a task whose head is not a linear fusion: a ValueError with :attr:`crmt_unsupported`."""
+        if crmt:
+            raise ValueError(f"{type(self).__name__}: crmt: true is not available. {self.crmt_unsupported}")
+
     def crmt_logits(self, outputs: Outputs, batch: Batch) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
         """CRMT's view of the outputs: uni-modal logits ``{m: (N, C)}``, fused logits (N, C) and labels (N,) of the
         N samples that carry a class, and their row index (N,) in the batch. Tasks with a CRMT fusion head
