@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from bench import inference, official, train_step
+from tests.test_callbacks import imbalanced_release  # noqa: F401  (fixture)
 
 
 def test_train_step_benchmark_runs_tiny_on_cpu(tmp_path):
@@ -40,3 +42,31 @@ def test_train_step_benchmark_bf16_on_gpu():
     results = train_step.main(["--tiny", "--device", "cuda", "--clips", "2", "--warmup", "1", "--iters", "2"])
     assert all(r.peak_gib > 0 for r in results)
     assert any(r.name.startswith("+compile") and r.compile_s is not None for r in results)
+
+
+
+
+def test_robustness_benchmark_evaluates_saved_models(tmp_path, imbalanced_release, ave_release):
+    """bench/robustness.py's evaluation at the smallest scale on the session's releases, on weights saved as a
+    run leaves them (``--reuse``: untrained here, CRMT with Lipschitz constants): every series goes through
+    RobustEval + run_sweep, the CRMT bound is reported and written, the section names every row."""
+    from bench import robustness
+
+    (tmp_path / "imbalanced").symlink_to(imbalanced_release)  # make_release / the ablation reuse what is there
+    (tmp_path / "ave").symlink_to(ave_release)
+    crmt = robustness.train_method("crmt", 0, None, None, 1, 1e-3, 1, 1)  # out=None: the architecture only
+    crmt.crmt_fusion.lipschitz.fill_(1.0)
+    for name, task in (("crmt_s0", crmt), ("uni_only_s0", robustness.train_ablation("uni_only", 0, None, None, 1,
+                                                                                      1e-3))):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        torch.save({"state_dict": task.state_dict(), "train_s": 0.0}, tmp_path / "runs" / name / "model.pt")
+    body = robustness.main(["--out", str(tmp_path), "--methods", "crmt", "--ablation", "uni_only", "--seeds", "0",
+                            "--severities", "1", "--radii", "1", "--reuse", "--no-write"])
+    crmt, ablation = [json.loads(line) for line in (tmp_path / "robustness_results.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["value"]) for r in crmt["rows"]] == [
+        ("missing_audio", 1.0), ("missing_visual", 1.0), ("visual_gaussian_blur", 1), ("clean_subset_1", None),
+        ("pgd_visual", 1.0), ("clean_subset_2", None), ("audio_white_noise", 1)]
+    assert math.isfinite(crmt["clean"]["test/crmt_bound"])  # reported by the CRMT callback at test
+    assert (tmp_path / "runs" / "crmt_s0" / "metrics" / "crmt_bound_test.csv").is_file()
+    assert [r["name"] for r in ablation["rows"]] == ["visual_only"]
+    assert "CRMT (stage 1 + stage 2)" in body and "unimodal experts only" in body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -101,8 +102,15 @@ def test_two_stage_crmt_through_the_cli(ave_release, tmp_path):
     args = [a for a in task_fit_args("ave", ave_release, runs, name="s2", **{"model.init_args.head.num_classes": 3})
             if not a.startswith(("--trainer.max_", "--run.test_after_fit"))]
     cli_main(["test", *args, "--config", str(CONFIGS / "callbacks" / "crmt_stage2.yaml"), "--ckpt_path", str(s2)])
-    metrics = json.loads((runs / "s2" / "metrics" / "test_test.json").read_text())["metrics"]
+    payload = json.loads((runs / "s2" / "metrics" / "test_test.json").read_text())
+    metrics = payload["metrics"]
     assert "test/crmt_bound" in metrics and torch.isfinite(torch.tensor(metrics["test/crmt_bound"]))
+    assert payload["files"] == {"crmt_bound": "crmt_bound_test_test.csv"}  # every test clip's bound, named
+    with open(runs / "s2" / "metrics" / "crmt_bound_test_test.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    test_ids = [line.split("&")[1] for line in (ave_release / "testSet.txt").read_text().splitlines() if line.strip()]
+    assert sorted(r["video_id"] for r in rows) == sorted(test_ids)  # each clip of the test split once
+    assert sum(float(r["bound"]) for r in rows) / len(rows) == pytest.approx(metrics["test/crmt_bound"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- DDP and resume
