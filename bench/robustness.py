@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.*` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.balance import AUDIO, HEAD, METHODS, WEAK_CONTRAST, CachedAVEDataModule, make_release  # noqa: E402
+from bench.report import replace_section  # noqa: E402
 from avmoe.callbacks import CRMT  # noqa: E402
 from avmoe.callbacks.robustness import RobustEval, run_sweep  # noqa: E402
 from avmoe.cli import init_weights  # noqa: E402
@@ -217,6 +218,12 @@ def _series(result: dict[str, Any], name: str, key: str) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def _n(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> str:
+    """`` (n seeds)`` when a row has fewer seeds than the table's."""
+    total = len({r["seed"] for r in results})
+    return f" ({len(rows)} seed{'s' * (len(rows) > 1)})" if len(rows) < total else ""
+
+
 def _cell(rows: list[dict[str, Any]], name: str) -> str:
     if not all(any(x["name"] == name for x in r["rows"]) for r in rows):
         return "n/a"
@@ -224,7 +231,7 @@ def _cell(rows: list[dict[str, Any]], name: str) -> str:
     if name.startswith("clean_subset"):
         return _mean_std(acc)
     drop = [_series(r, name, "drop") for r in rows]
-    return f"{_mean_std(acc)} ({-100 * statistics.fmean(drop) + 0.0:+.0f} %)"  # relative change: minus the drop
+    return f"{_mean_std(acc)} ({-100 * statistics.fmean(drop) + 0.0:+.1f} %)"  # relative change: minus the drop
 
 
 def methods_tables(results: list[dict[str, Any]], methods: list[str]) -> str:
@@ -243,7 +250,7 @@ def methods_tables(results: list[dict[str, Any]], methods: list[str]) -> str:
         cells = [_mean_std([r["clean"][METRIC] for r in rows])] + [_cell(rows, s) for s, _ in series]
         cells.append(f"{statistics.fmean(bound):.3g} ± {statistics.stdev(bound) if len(bound) > 1 else 0:.2g}"
                      if bound else "n/a")
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS[method]}{_n(rows, results)} | " + " | ".join(cells) + " |")
     curves = curve_table(results, methods)
     return "\n".join(lines) + "\n\n" + curves
 
@@ -275,20 +282,8 @@ def ablation_table(results: list[dict[str, Any]]) -> str:
         clean = _mean_std([r["clean"][METRIC] for r in rows])
         vo = _mean_std([_series(r, "visual_only", "acc") for r in rows])
         drop = _mean_std([_series(r, "visual_only", "drop") for r in rows])
-        lines.append(f"| {ABLATION_LABELS[variant]} | {clean} | {vo} | {drop} % |")
+        lines.append(f"| {ABLATION_LABELS[variant]}{_n(rows, results)} | {clean} | {vo} | {drop} % |")
     return "\n".join(lines)
-
-
-def replace_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) the section starting at ``heading`` up to the next ``## `` heading."""
-    text = path.read_text()
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + body + ("" if end < 0 else text[end:])
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -352,7 +347,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     body = report(results, args, started)
     print(body)
     if not args.no_write:
-        replace_section(HERE / "BENCHMARKS.md", SECTION, body)
+        replace_section(SECTION, body, keep_from="**Reading")  # the hand-written reading stays for revision
     return body
 
 
