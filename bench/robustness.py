@@ -17,11 +17,15 @@ and visual-only (``lightning_configs/robustness/visual_only.yaml``: silent wavef
 Metric: AVE segment accuracy (``test/acc``) on the test split; relative drop ``(clean - value) / clean`` as in
 ``metrics/robustness.json``. Every run's tables go to ``<out>/runs/<name>/robustness*.json`` and one JSON line
 per run to ``<out>/robustness_results.jsonl``; the section ``## Robustness ...`` of ``bench/BENCHMARKS.md`` is
-replaced by the tables.
+replaced by the tables (its hand-written text from ``**Reading`` on is kept, to be revised by hand).
 
-    python bench/robustness.py                       # the BENCHMARKS.md section
-    python bench/robustness.py --seeds 0 --epochs 1 --methods baseline crmt --ablation full --no-write  # smoke
+    python bench/robustness.py                       # the BENCHMARKS.md section (~80 min of runs, 1 thread)
+    python bench/robustness.py --seeds 2 --reuse --no-write &   # seeds in parallel processes, then:
     python bench/robustness.py --table-only          # rebuild the section from the results file
+    python bench/robustness.py --seeds 0 --epochs 1 --methods baseline crmt --ablation full --no-write  # smoke
+
+``--reuse`` keeps runs already in the results file and evaluates saved weights (``<out>/runs/*/model.pt``)
+instead of retraining.
 """
 
 from __future__ import annotations
@@ -300,7 +304,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--severities", nargs="+", type=int, default=[1, 3, 5])
-    p.add_argument("--radii", nargs="+", type=float, default=[5.0, 10.0, 20.0])
+    p.add_argument("--radii", nargs="+", type=float, default=[2.0, 8.0, 32.0],
+                   help="L2 radii of the PGD on the normalised frames (a whole clip)")
     p.add_argument("--subset-batches", type=int, default=1,
                    help="PGD and audio-noise series on the first n test batches of 16 clips (0: all), each with its "
                         "own clean row on that subset")
@@ -355,7 +360,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, started: dat
     seeds = sorted({r["seed"] for r in results})
     minutes = sum(r["train_s"] + r["eval_s"] for r in results) / 60
     methods = [m for m in LABELS if any(r["group"] == "methods" and r["method"] == m for r in results)]
-    setup = (f"Script: `python bench/robustness.py` ({started:%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU, "
+    setup = (f"Script: `python bench/robustness.py` (tables written {started:%Y-%m-%d %H:%M} UTC; {platform.machine()} CPU, "
              f"{args.threads} torch thread(s), {minutes:.1f} min of training and evaluation in all). "
              f"Methods: the synthetic imbalanced release and recipe of `bench/balance.py` (dominant visual, "
              f"weak_contrast {WEAK_CONTRAST}; {args.num_train} train / {args.num_test} test clips, 4 categories; "
