@@ -360,7 +360,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, started: dat
     seeds = sorted({r["seed"] for r in results})
     minutes = sum(r["train_s"] + r["eval_s"] for r in results) / 60
     methods = [m for m in LABELS if any(r["group"] == "methods" and r["method"] == m for r in results)]
-    setup = (f"Script: `python bench/robustness.py` (tables written {started:%Y-%m-%d %H:%M} UTC; {platform.machine()} CPU, "
+    setup = (f"Script: `python bench/robustness.py` (tables written {started:%Y-%m-%d %H:%M} UTC; "
+             f"{platform.machine()} CPU, "
              f"{args.threads} torch thread(s), {minutes:.1f} min of training and evaluation in all). "
              f"Methods: the synthetic imbalanced release and recipe of `bench/balance.py` (dominant visual, "
              f"weak_contrast {WEAK_CONTRAST}; {args.num_train} train / {args.num_test} test clips, 4 categories; "
