@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import Dataset
 
 from avmoe.callbacks import OGM, OGMGE, OPM, MMPareto, ModalityValuation, Relearning, StepSeeding
@@ -38,13 +40,13 @@ CALLBACKS: dict[str, Callable[[], L.Callback]] = {
 }
 COUNTERS = {"ogm_ge": "num_modulated", "ogm": "num_modulated", "opm": "num_executed", "valuation": "valued_epoch",
             "mmpareto": "num_combined", "relearning": "done_epochs"}
-_CACHE: dict[tuple[str, str, int], Any] = {}
+_CACHE: dict[tuple[str, str, str, int], Any] = {}
 
 
 class Memo(Dataset):
     """A split's Dataset whose decoded samples are kept for the process (every fit reads the same clips)."""
 
-    def __init__(self, dataset: Dataset, key: tuple[str, str]) -> None:
+    def __init__(self, dataset: Dataset, key: tuple[str, str, str]) -> None:
         self.dataset, self.key = dataset, key
 
     def __len__(self) -> int:
@@ -60,16 +62,17 @@ class Memo(Dataset):
 _PARSED: dict[str, Any] = {}
 
 
-def build(task: str, release: str, root: Path, batch_size: int) -> tuple[Any, Any]:
-    """A fresh (model, datamodule) of ``task``'s demo config, parsed once per process."""
+def build(task: str, release: str, root: Path, batch_size: int, **overrides: Any) -> tuple[Any, Any]:
+    """A fresh (model, datamodule) of ``task``'s demo config, parsed once per process (per ``overrides``)."""
     from avmoe.cli import AVMoECLI  # noqa: PLC0415
     from avmoe.datamodules import AVDataModule  # noqa: PLC0415
     from avmoe.tasks.base import AVTask  # noqa: PLC0415
 
-    key = f"{task}-{batch_size}"
+    key = f"{task}-{batch_size}-{release}-{sorted(overrides.items())}"
     if key not in _PARSED:
         args = task_fit_args(task, Path(release), root, batch_size=batch_size,
-                             **{"data.init_args.limit_samples": NUM_SAMPLES, "data.init_args.eval_batch_size": 2})
+                             **{"data.init_args.limit_samples": NUM_SAMPLES, "data.init_args.eval_batch_size": 2,
+                                **overrides})
         cli = AVMoECLI(AVTask, AVDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
                        auto_configure_optimizers=False, args=args, save_config_callback=None)
         _PARSED[key] = (cli.parser, cli.config)
@@ -79,7 +82,7 @@ def build(task: str, release: str, root: Path, batch_size: int) -> tuple[Any, An
     model, dm = init["model"], init["data"]
     dm.setup("fit")
     for split in ("train", "val"):
-        dm._datasets[split] = Memo(dm._datasets[split], (task, split))
+        dm._datasets[split] = Memo(dm._datasets[split], (task, split, release))
     return model, dm
 
 
@@ -130,10 +133,41 @@ def run_all(spec: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+class EmptySteps(L.Callback):
+    """Counts this rank's training batches without a usable sample (every clip skipped)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        from avmoe.datamodules.batch import batch_size  # noqa: PLC0415
+
+        self.count += int(batch_size(batch) == 0)
+
+
+def run_skip(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec``: release (an AVE release with a broken clip), root. MMPareto under DDP, batch 1 per rank, the
+    broken clip skipped (``on_decode_error: skip``): 1 epoch of 2 steps, one of them empty on one rank."""
+    L.seed_everything(0, verbose=False)
+    model, dm = build("ave", spec["release"], Path(spec["root"]), batch_size=1,
+                      **{"data.init_args.on_decode_error": "skip"})
+    pareto, empty = MMPareto(), EmptySteps()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(seconds=60)),
+                        max_epochs=1, limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=spec["root"],
+                        callbacks=[StepSeeding(), pareto, empty])
+    trainer.fit(model, dm)
+    return {"skip": {"sha": parameter_digest(model)["sha256"],
+                     "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+                     "num_combined": pareto.num_combined, "empty_steps": empty.count,
+                     "global_step": trainer.global_step}}
+
+
 def main(argv: list[str]) -> None:
     spec = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(1)
-    results = run_all(spec)
+    results = run_skip(spec) if spec.get("kind") == "skip" else run_all(spec)
     rank = int(os.environ.get("LOCAL_RANK", 0))
     (Path(spec["root"]) / f"results_rank{rank}.json").write_text(json.dumps(results, indent=1))
 

@@ -6,10 +6,13 @@ Short real fits (Lightning Trainer, the task's demo config, real decoded clips; 
   callback, its own counter is non-zero, it logged its statistics) and stays finite;
 - 1 process, per task, every callback at once: the epoch-0 checkpoint resumed for epoch 1 ends with exactly the
   parameters of the straight run (every callback's checkpointed state and RNG streams restored);
-- 2-process DDP (gloo), per task, every callback at once: both replicas end bit-identical (the baseline too),
-  every callback acted on both ranks (the same non-zero counter of each) and the parameters differ from the
-  DDP baseline. A callback that edits gradients or weights from rank-local statistics or noise would make the
-  replicas differ whatever the others do, so one fit per task covers all of them.
+- 2-process DDP (gloo), per task, each callback alone and every callback at once: both replicas end
+  bit-identical (the baseline too), the callback acted on both ranks (the same non-zero counter of each) and
+  the parameters differ from the DDP baseline. Alone, each callback must change the parameters itself under
+  DDP: in the fit with every callback, one that counts its actions but edits nothing would be hidden by the
+  others;
+- 2-process DDP, MMPareto with a fully skipped batch on one rank (``on_decode_error: skip``, batch 1): the
+  empty rank joins MMPareto's own gradient all-reduce and combination; replicas stay identical.
 
 Cost control: all DDP fits run inside one pair of rank processes (``tests/balance_matrix.py``: each rank loops
 over every task and callback; the gloo group is created once), decoded clips are memoised per process, and the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,30 +63,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_processes(releases, tmp_path_factory) -> tuple[dict, dict]:
-    root = tmp_path_factory.mktemp("matrix2")
-    spec = root / "spec.json"
-    spec.write_text(json.dumps({"releases": releases, "root": str(root), "devices": 2, "methods": []}))
+def launch_ranks(root: Path, spec: dict, timeout: float) -> tuple[dict, dict]:
+    """Run ``python -m tests.balance_matrix`` as the two ranks of a CPU DDP job; each rank's results."""
+    path = root / "spec.json"
+    path.write_text(json.dumps(spec))
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LOCAL_RANK": str(rank),
                "NODE_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.balance_matrix", str(spec)], env=env, cwd=root,
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.balance_matrix", str(path)], env=env, cwd=root,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     for proc in procs:
         try:
-            outputs.append(proc.communicate(timeout=600)[0])
+            outputs.append(proc.communicate(timeout=timeout)[0])
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
-            raise
+            tails = [p.communicate()[0][-2000:] for p in procs]
+            pytest.fail(f"the DDP ranks hung (> {timeout} s):\n" + "\n---\n".join(tails))
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-4000:]
     return tuple(json.loads((root / f"results_rank{r}.json").read_text()) for r in (0, 1))
+
+
+@pytest.fixture(scope="module")
+def two_processes(releases, tmp_path_factory) -> tuple[dict, dict]:
+    root = tmp_path_factory.mktemp("matrix2")
+    return launch_ranks(root, {"releases": releases, "root": str(root), "devices": 2, "methods": METHODS},
+                        timeout=600)
 
 
 def _check(failures: list[str], cell: str, ok: bool, why: str) -> None:
@@ -117,12 +128,42 @@ def test_every_callback_on_every_task_two_process_ddp(two_processes):
     rank0, rank1 = two_processes
     failures: list[str] = []
     for task in TASKS:
-        base, run, other = rank0[f"{task}/baseline"], rank0[f"{task}/all"], rank1[f"{task}/all"]
-        cell = f"{task} x all (DDP)"
-        _check(failures, cell, rank1[f"{task}/baseline"]["sha"] == base["sha"], "baseline replicas diverged")
-        _check(failures, cell, other["sha"] == run["sha"], "replicas diverged")
-        _check(failures, cell, run["finite"] and run["sha"] != base["sha"], "did not act (or non-finite)")
-        _check(failures, cell, run["counters"] == other["counters"], f"ranks decided differently {run['counters']} "
-                                                                      f"vs {other['counters']}")
-        _check(failures, cell, all(c > 0 for c in run["counters"]), f"{dict(zip(METHODS, run['counters']))}")
+        base = rank0[f"{task}/baseline"]
+        _check(failures, f"{task} (DDP)", rank1[f"{task}/baseline"]["sha"] == base["sha"], "baseline replicas diverged")
+        for method in [*METHODS, "all"]:
+            run, other, cell = rank0[f"{task}/{method}"], rank1[f"{task}/{method}"], f"{task} x {method} (DDP)"
+            _check(failures, cell, other["sha"] == run["sha"], "replicas diverged")
+            _check(failures, cell, run["finite"] and run["sha"] != base["sha"], "did not act (or non-finite)")
+            _check(failures, cell, run["counters"] == other["counters"],
+                   f"ranks decided differently {run['counters']} vs {other['counters']}")
+            names = METHODS if method == "all" else [method]
+            _check(failures, cell, all(c > 0 for c in run["counters"]), f"{dict(zip(names, run['counters']))}")
     assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------ a fully skipped batch
+@pytest.fixture(scope="module")
+def broken_ave(ave_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The AVE test release with train sample 0 not decodable: with batch 1 per rank it is rank 0's first
+    batch (EpochSampler, seed 0: rank 0 gets samples 0, 3, 1 of 6), which is then empty."""
+    from avmoe.datamodules import AVEDataModule
+
+    root = tmp_path_factory.mktemp("broken_matrix") / "ave"
+    shutil.copytree(ave_release, root)
+    Path(AVEDataModule(str(root), num_workers=0).dataset("train").video_path(0)).write_bytes(b"\x00not an mp4" * 64)
+    return root
+
+
+@pytest.mark.ddp
+def test_mmpareto_ddp_with_a_fully_skipped_batch_on_one_rank(broken_ave, tmp_path):
+    """MMPareto all-reduces its per-loss gradients itself; the rank whose batch lost its only clip must join that
+    all-reduce (with zeros) and combine like the other, not fall back to DDP's bucketed backward (mismatched
+    collectives: a hang or an error) nor skip the combination (replicas diverge)."""
+    rank0, rank1 = launch_ranks(tmp_path, {"kind": "skip", "release": str(broken_ave), "root": str(tmp_path)},
+                                timeout=240)
+    a, b = rank0["skip"], rank1["skip"]
+    assert (a["empty_steps"], b["empty_steps"]) == (1, 0), "rank 0's first batch is empty, rank 1 has none"
+    assert a["global_step"] == b["global_step"] == 2
+    assert a["num_combined"] == b["num_combined"] == 2, "both ranks combined on both steps, the empty one too"
+    assert a["finite"] and b["finite"]
+    assert a["sha"] == b["sha"], "replicas diverged"

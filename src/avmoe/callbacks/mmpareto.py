@@ -27,7 +27,9 @@ all-reduces them over the DDP ranks (mean; DDP's own reducer is not used: no hoo
 writes the total into ``.grad`` (so the GradScaler's inf check, clipping and other callbacks see an ordinary
 gradient) and keeps the per-loss gradients of the modality groups, summed over the micro-batches of an
 accumulation window. The combination runs once per optimizer step in ``on_before_optimizer_step``, on the
-accumulated, unscaled, rank-averaged gradients: every rank takes the same decision. With fp16 and a GradScaler
+accumulated, unscaled, rank-averaged gradients: every rank takes the same decision. A rank whose batch had no
+usable sample (skipped clips, :meth:`AVTask.empty_step_loss`) contributes zero per-loss gradients to the same
+all-reduce (the rank mean, as DDP's zero-weighted step) and combines with the others. With fp16 and a GradScaler
 each loss is backpropagated multiplied by the current scale (no underflow) and the kept copies are unscaled.
 
 Guards (the official repository has an open NaN issue, #5): cosines and weights are computed in float64 from
@@ -189,6 +191,10 @@ class MMPareto(Callback):
         return {**losses, **extra}
 
     def backward(self, task: Any, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        if not terms:  # DDP, no usable sample on this rank (AVTask.empty_step_loss): zero per-loss gradients
+            # into the same all-reduce as the other ranks (DDP's own reducer would run different collectives)
+            self._accumulate([[None] * len(self._params) for _ in range(3)], self._loss_scale())
+            return
         keys = AUX_KEYS if all(k in terms for k in AUX_KEYS.values()) else UNI_KEYS
         uni = {m: terms[keys[m]] for m in MODALITIES}
         mm_terms = [v for k, v in terms.items() if k not in keys.values()]

@@ -58,7 +58,9 @@ class GradientPolicy(Protocol):
 
     ``training_losses`` may add named loss terms to a training step (they are summed into the loss and logged);
     ``backward`` then receives the loss Lightning would backpropagate (divided for accumulation, scaled by AMP)
-    together with the named terms it is the sum of, and must leave the gradients in ``.grad``.
+    together with the named terms it is the sum of, and must leave the gradients in ``.grad``. Under DDP, on a
+    rank whose batch had no usable sample (:meth:`AVTask.empty_step_loss`), ``backward`` receives the zero loss
+    and no terms (``{}``): it must still run the collectives the other ranks run in that step, in the same order.
     """
 
     def training_losses(self, task: "AVTask", feats: BackboneOutput, outputs: "Outputs", batch: "Batch",
@@ -396,8 +398,8 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Lightning's backward, or the gradient policy's when one is plugged in (it sees the loss's named terms)."""
         terms, self._policy_terms = self._policy_terms, None
-        if self.gradient_policy is not None and terms is not None:
-            self.gradient_policy.backward(self, loss, terms)
+        if self.gradient_policy is not None:  # no terms: a DDP step without a usable sample on this rank
+            self.gradient_policy.backward(self, loss, terms or {})
             return
         super().backward(loss, *args, **kwargs)
 
