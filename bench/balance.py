@@ -12,8 +12,10 @@ several seeds, and evaluates on the test split:
 - ``fused, blank-picture clips``: segment accuracy on the test clips whose dominant modality is blank, where
   only the weak modality can name the event.
 
-Then it replaces the section ``## Balancing methods`` of ``bench/BENCHMARKS.md`` with the table (mean +- std over
-seeds, and min..max). CPU, one thread by default; clips are decoded once (real decoders) and kept in memory.
+Then it merges its rows into the tables of the section ``## Balancing methods`` of ``bench/BENCHMARKS.md`` (mean
++- std over seeds, and min..max; a method run now replaces its recorded row, the rows of the methods not run now
+and the section's text are kept; ``--replace`` writes the section afresh). CPU, one thread by default; clips are
+decoded once (real decoders) and kept in memory.
 
     python bench/balance.py                                   # the BENCHMARKS.md table (~22 min on 2 cores)
     python bench/balance.py --seeds 0 --epochs 1 --methods baseline ogm_ge --no-write   # smoke run
@@ -22,7 +24,10 @@ Epoch windows are scaled to the short runs: OGM/OPM warm-ups of 1 epoch (journal
 re-sampling from the end of epoch 1 (official warm-up 5 of 60), D&R re-initialisation after epochs 1 and 2
 (official: after epochs 20, 40, 60 of 90).
 
-    python bench/balance.py --step-cost                        # MMPareto step time vs the baseline's (no table) The release must match the flags it was written
+    python bench/balance.py --step-cost                        # MMPareto step time vs the baseline's (no table)
+
+``--step-cost`` also times whole epochs of the baseline and of Diagnosing & Re-learning (its feature pass over
+the train and validation clips at the end of epochs 1 and 2). The release must match the flags it was written
 with: delete ``--root`` after changing ``--num-train``/``--num-test``.
 """
 
@@ -35,7 +40,7 @@ import statistics
 import time
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import lightning as L
 import pandas as pd
@@ -241,6 +246,50 @@ def step_cost(root: Path, batch_size: int, lr: float, steps: int = 12) -> dict[s
     return out
 
 
+class EpochTimer(L.Callback):
+    """Wall time of each training epoch, its end-of-epoch callbacks (D&R's feature pass) included: from one
+    epoch's start to the next one's (the last: to the end of fit)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._tic: Optional[float] = None
+
+    def _lap(self) -> None:
+        now = time.perf_counter()
+        if self._tic is not None:
+            self.times.append(now - self._tic)
+        self._tic = now
+
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self._lap()
+
+    def on_fit_end(self, *args: Any) -> None:
+        self._lap()
+
+
+def epoch_cost(root: Path, batch_size: int, lr: float, epochs: int = 3) -> dict[str, Any]:
+    """Seconds per training epoch of the baseline and of D&R (``relearning``: feature pass and re-initialisation
+    at the end of epochs 1 and 2), same batches; the extra seconds of D&R's epochs with a pass."""
+    out: dict[str, Any] = {}
+    for method in ("baseline", "relearning"):
+        L.seed_everything(0, workers=True)
+        task = AVETask(backbone=tiny_config(), head=HEAD, optim=OptimConfig(lr=lr, step_size=None))
+        dm = CachedAVEDataModule(str(root), batch_size=batch_size, eval_batch_size=16, num_workers=0,
+                                 image_size=64, audio=AUDIO, persistent_workers=False)
+        timer = EpochTimer()
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, callbacks=[*METHODS[method](), timer],
+                            default_root_dir=str(root.parent / "runs"))
+        trainer.fit(task, dm)
+        out[f"{method}_s_per_epoch"] = [round(t, 2) for t in timer.times]
+    base, relearn = out["baseline_s_per_epoch"], out["relearning_s_per_epoch"]
+    # epoch 0 decodes the clips (memoised afterwards) and has no pass: compare epochs 1.. only
+    out["pass_s"] = round(statistics.fmean(r - b for r, b in zip(relearn[1:], base[1:])), 2)
+    out["ratio"] = round(statistics.fmean(relearn[1:]) / statistics.fmean(base[1:]), 2)
+    return out
+
+
 def _stats(values: list[float]) -> str:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -291,6 +340,87 @@ def write_section(path: Path, body: str) -> None:
     path.write_text(text.rstrip("\n") + "\n")
 
 
+TABLE_HEADS = ("| method |", "| method - baseline")
+
+
+def _table_rows(lines: list[str], head: str) -> tuple[int, int]:
+    """``(start, end)`` line positions of the body rows of the table whose header starts with ``head``
+    (``(-1, -1)`` if there is none)."""
+    for i, line in enumerate(lines):
+        if line.startswith(head):
+            end = i + 2  # header, separator
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            return i + 2, end
+    return -1, -1
+
+
+def _label(row: str) -> str:
+    return row.split("|")[1].strip()
+
+
+def merge_section(path: Path, body: str, note: str, title: str) -> list[str]:
+    """Add this run (``body``: a fresh section) to the recorded ``## Balancing methods`` section.
+
+    If every method of this run that the recorded tables also hold reproduces its recorded accuracies, the rows
+    are merged: a method measured now replaces its recorded row (matched by its label in ``LABELS``), the rows
+    of methods not run now are kept, rows are ordered as ``METHODS`` and ``note`` is added after the section's
+    first paragraph. Otherwise (the code or the data changed since the recorded run: its rows are no longer
+    comparable with this run's) the recorded tables are left as they are and this run's setup and tables go
+    into their own subsection ``### title`` at the end of the section (replacing one of the same title, and
+    what was written below it). The section's other text is kept; without a recorded section ``body`` is
+    written as is. Returns a line per recorded row that this run does not reproduce.
+    """
+    text = path.read_text() if path.is_file() else ""
+    start = text.find(SECTION)
+    if start < 0:
+        write_section(path, body)
+        return []
+    end = text.find("\n## ", start + len(SECTION))
+    end = len(text) if end < 0 else end
+    lines, fresh = text[start:end].rstrip("\n").split("\n"), body.rstrip("\n").split("\n")
+    changed = []
+    for head in TABLE_HEADS:
+        (new_start, new_end), (old_start, old_end) = _table_rows(fresh, head), _table_rows(lines, head)
+        if new_start < 0 or old_start < 0:
+            continue
+        old_rows = {_label(r): r for r in lines[old_start:old_end]}
+        changed += [f"{_label(row)}: recorded {old_rows[_label(row)]} -> now {row}" for row in fresh[new_start:new_end]
+                    if _label(row) in old_rows and _cells(old_rows[_label(row)]) != _cells(row)]
+    if changed:
+        heading = f"### {title}"
+        own = lines.index(heading) if heading in lines else -1
+        if own >= 0:  # replace this run's earlier subsection (up to the next subsection or the section's end)
+            after = next((i for i in range(own + 1, len(lines)) if lines[i].startswith("### ")), len(lines))
+            del lines[own - 1 if own > 0 and not lines[own - 1].strip() else own:after]
+        first_table = next(i for i, line in enumerate(fresh) if line.startswith(TABLE_HEADS[0]))
+        setup = [line for line in fresh[1:first_table] if line.strip()]  # this run's own setup paragraph
+        lines += ["", heading, "", *setup, "", *fresh[first_table:]]
+    else:
+        order = {LABELS[m]: i for i, m in enumerate(METHODS)}
+        for head in TABLE_HEADS:
+            (new_start, new_end), (old_start, old_end) = _table_rows(fresh, head), _table_rows(lines, head)
+            if new_start < 0:
+                continue
+            if old_start < 0:
+                lines += ["", *fresh[new_start - 2:new_end]]
+                continue
+            merged = {**{_label(r): r for r in lines[old_start:old_end]},
+                      **{_label(r): r for r in fresh[new_start:new_end]}}
+            lines[old_start:old_end] = sorted(merged.values(), key=lambda r: order.get(_label(r), len(order)))
+        paragraph = next((i for i, line in enumerate(lines) if i > 2 and not line.strip()), len(lines))
+        lines[paragraph:paragraph] = ["", note]
+    rest = text[end:]  # "\n## next section ..." or ""
+    path.write_text(text[:start] + "\n".join(lines) + ("\n" + rest if rest else "\n"))
+    return changed
+
+
+def _cells(row: str) -> list[str]:
+    """A table row's accuracy cells (not the seconds per run, which follow the machine's load)."""
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    return cells[:5] if len(cells) == 6 else cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("data/bench_imbalanced"))
@@ -307,14 +437,20 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None, help="JSON lines of every run (default: <root>/../)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--step-cost", action="store_true",
-                        help="only time training steps of the baseline and MMPareto (aux heads) and print the ratio")
+                        help="only time training steps of the baseline and MMPareto (aux heads), and epochs of the "
+                             "baseline and D&R, and print the ratios")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace the whole BENCHMARKS.md section with this run's tables (default: merge this "
+                             "run's rows into the recorded tables, keeping the rows of methods not run now)")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing: rebuild the table from every run in --results (e.g. after adding seeds)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results_path = args.results or args.root.parent / "balance_results.jsonl"
     if args.step_cost:
-        print(json.dumps(step_cost(make_release(args.root, args.num_train, args.num_test), args.batch_size, args.lr)))
+        root = make_release(args.root, args.num_train, args.num_test)
+        print(json.dumps(step_cost(root, args.batch_size, args.lr)), flush=True)
+        print(json.dumps(epoch_cost(root, args.batch_size, args.lr)), flush=True)
         return
     if args.table_only:
         results = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
@@ -333,8 +469,18 @@ def main() -> None:
     total = sum(r["seconds"] for r in results)
     body = report(results, args, total)
     print(body)
-    if not args.no_write:
+    if args.no_write:
+        return
+    if args.replace:
         write_section(HERE / "BENCHMARKS.md", body)
+        return
+    note = (f"Rows of {', '.join(args.methods)}: `bench/balance.py --methods {' '.join(args.methods)}` "
+            f"({date.today().isoformat()}, {platform.machine()} CPU, {args.threads} torch thread(s), seeds "
+            f"{' '.join(map(str, args.seeds))}, {total / 60:.1f} min of training; the paired rows of these methods "
+            "are against this run's baseline).")
+    title = f"Run of {date.today().isoformat()}: {', '.join(args.methods)}"
+    for line in merge_section(HERE / "BENCHMARKS.md", body, note, title):
+        print("not reproduced, so this run's tables go into their own subsection:", line)
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, total: float) -> str:
