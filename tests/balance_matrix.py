@@ -6,8 +6,9 @@ Used by ``tests/test_balance_matrix.py``; run as ``python -m tests.balance_matri
 
 Per task: a baseline fit (no balancing callback), one fit per callback, and one fit with every callback at
 once (``all``) that keeps its epoch-0 checkpoint, plus (``resume``) a fit resumed from that checkpoint. Each fit
-is 2 epochs of 1 optimizer step on a few real decoded samples (decoded once per process and memoised). Results
-per fit: a SHA-256 of the parameters, each callback's own counter and the metrics it logged.
+is 2 epochs of 1 optimizer step (1 epoch for a callback alone that acts from the first step, ``ONE_EPOCH``) on a
+few real decoded samples (decoded once per process and memoised). Results per fit: a SHA-256 of the parameters
+(the baseline's also after each epoch), each callback's own counter, the metrics it logged, its wall time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +31,10 @@ from avmoe.callbacks import OGM, OGMGE, OPM, MMPareto, ModalityValuation, Relear
 from avmoe.callbacks._distributed import parameter_digest
 from tests.helpers import task_fit_args
 
-NUM_SAMPLES = 6  # per split (limit_samples); training uses 1 batch per epoch (2 samples; DDP: 1 per rank)
+# Per split (limit_samples): training uses 1 batch per epoch (2 samples; DDP: 1 per rank); the feature passes of
+# valuation and D&R read all of them (DDP: 3 per rank and split). With 4, D&R's purities tie on AVVP (alpha 0).
+NUM_SAMPLES = 6
+EVAL_BATCH = NUM_SAMPLES  # the feature passes in one batch per split (DDP: per rank)
 CALLBACKS: dict[str, Callable[[], L.Callback]] = {
     "ogm_ge": lambda: OGMGE(alpha=1.0, noise=True, end_epoch=None),
     "ogm": lambda: OGM(alpha=1.0, noise=False, warmup_epochs=0, end_epoch=None),
@@ -38,6 +43,10 @@ CALLBACKS: dict[str, Callable[[], L.Callback]] = {
     "mmpareto": lambda: MMPareto(),
     "relearning": lambda: Relearning(every_n_epochs=1, max_times=1, num_clusters=2, lam=3.0),
 }
+# Alone, the callbacks without a warm-up act from the first step: their fits stop after epoch 0 (1 step) and are
+# compared with the baseline's parameters after epoch 0; the others (valuation: warm-up 1, D&R: after epoch 1)
+# and the fits with every callback run 2 epochs.
+ONE_EPOCH = {"ogm_ge", "ogm", "opm", "mmpareto"}
 COUNTERS = {"ogm_ge": "num_modulated", "ogm": "num_modulated", "opm": "num_executed", "valuation": "valued_epoch",
             "mmpareto": "num_combined", "relearning": "done_epochs"}
 _CACHE: dict[tuple[str, str, str, int], Any] = {}
@@ -71,8 +80,8 @@ def build(task: str, release: str, root: Path, batch_size: int, **overrides: Any
     key = f"{task}-{batch_size}-{release}-{sorted(overrides.items())}"
     if key not in _PARSED:
         args = task_fit_args(task, Path(release), root, batch_size=batch_size,
-                             **{"data.init_args.limit_samples": NUM_SAMPLES, "data.init_args.eval_batch_size": 2,
-                                **overrides})
+                             **{"data.init_args.limit_samples": NUM_SAMPLES,
+                                "data.init_args.eval_batch_size": EVAL_BATCH, **overrides})
         cli = AVMoECLI(AVTask, AVDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
                        auto_configure_optimizers=False, args=args, save_config_callback=None)
         _PARSED[key] = (cli.parser, cli.config)
@@ -100,22 +109,37 @@ def _counter(callback: L.Callback) -> float:
     return float(len(value)) if isinstance(value, list) else float(value)
 
 
+class EpochDigests(L.Callback):
+    """The parameters' SHA-256 at the end of every training epoch (the baseline's, for the 1-epoch fits)."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.digests.append(parameter_digest(pl_module)["sha256"])
+
+
 def fit(task: str, method: str, release: str, root: Path, devices: int, ckpt: str | None = None) -> dict[str, Any]:
+    tic = time.perf_counter()
     L.seed_everything(0, verbose=False)
     model, dm = build(task, release, root, batch_size=2 if devices == 1 else 1)
     callbacks = _callbacks(method)
+    digests = EpochDigests()
+    epochs = 1 if method in ONE_EPOCH else 2
     save = ModelCheckpoint(dirpath=str(root / "ckpt"), filename="{epoch}", save_top_k=-1, every_n_epochs=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        max_epochs=2, limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0,
+                        max_epochs=epochs, limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=method == "all", default_root_dir=str(root),
-                        callbacks=[StepSeeding(), *callbacks, *([save] if method == "all" else [])])
+                        callbacks=[StepSeeding(), *callbacks, *([save] if method == "all" else []),
+                                   *([digests] if method == "baseline" else [])])
     trainer.fit(model, dm, ckpt_path=ckpt)
-    return {"sha": parameter_digest(model)["sha256"],
+    return {"sha": parameter_digest(model)["sha256"], "epochs": epochs, "sha_epochs": digests.digests,
             "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
             "counters": [_counter(c) for c in callbacks],
-            "logged": sorted({k.split("/")[0] for k in trainer.callback_metrics if "/" in k} - {"train", "val"})}
+            "logged": sorted({k.split("/")[0] for k in trainer.callback_metrics if "/" in k} - {"train", "val"}),
+            "seconds": round(time.perf_counter() - tic, 2)}
 
 
 def run_all(spec: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +174,7 @@ def run_skip(spec: dict[str, Any]) -> dict[str, Any]:
     broken clip skipped (``on_decode_error: skip``): 1 epoch of 2 steps, one of them empty on one rank."""
     L.seed_everything(0, verbose=False)
     model, dm = build("ave", spec["release"], Path(spec["root"]), batch_size=1,
-                      **{"data.init_args.on_decode_error": "skip"})
+                      **{"data.init_args.on_decode_error": "skip", "data.init_args.limit_samples": 6})
     pareto, empty = MMPareto(), EmptySteps()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(seconds=60)),
                         max_epochs=1, limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0,

@@ -92,8 +92,24 @@ def launch_ranks(root: Path, spec: dict, timeout: float) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def two_processes(releases, tmp_path_factory) -> tuple[dict, dict]:
     root = tmp_path_factory.mktemp("matrix2")
+    # A hang guard: ~2.5 min on an idle 2-core box, 3-4 times that at a load average of 8.
     return launch_ranks(root, {"releases": releases, "root": str(root), "devices": 2, "methods": METHODS},
-                        timeout=600)
+                        timeout=1500)
+
+
+def _baseline(base: dict, run: dict) -> str:
+    """The baseline's parameters after as many epochs as ``run`` trained."""
+    assert base["sha_epochs"][-1] == base["sha"], "the baseline's epoch digests end with its final parameters"
+    return base["sha_epochs"][run["epochs"] - 1]
+
+
+def _costs(results: dict) -> str:
+    """Seconds per fit kind, summed over tasks (printed: what each part of the matrix costs)."""
+    sums: dict[str, float] = {}
+    for key, run in results.items():
+        kind = key.split("/", 1)[1]
+        sums[kind] = sums.get(kind, 0.0) + run["seconds"]
+    return ", ".join(f"{kind} {seconds:.0f} s" for kind, seconds in sums.items())
 
 
 def _check(failures: list[str], cell: str, ok: bool, why: str) -> None:
@@ -105,6 +121,7 @@ def _check(failures: list[str], cell: str, ok: bool, why: str) -> None:
 # happen once, and pytest-xdist would run each parametrized test's fixture again on every worker.
 @pytest.mark.slow
 def test_every_callback_on_every_task_single_process(single_process):
+    print("1 process:", _costs(single_process))
     failures: list[str] = []
     for task in TASKS:
         base = single_process[f"{task}/baseline"]
@@ -112,7 +129,7 @@ def test_every_callback_on_every_task_single_process(single_process):
             run, cell = single_process[f"{task}/{method}"], f"{task} x {method}"
             _check(failures, cell, run["finite"], "non-finite parameters")
             _check(failures, cell, run["counters"][0] > 0, f"its counter is {run['counters'][0]}")
-            _check(failures, cell, run["sha"] != base["sha"], "parameters equal to the fit without it")
+            _check(failures, cell, run["sha"] != _baseline(base, run), "parameters equal to the fit without it")
             prefix = {"ogm_ge": "ogm"}.get(method, method)
             _check(failures, cell, prefix in run["logged"], f"logged nothing under {prefix}/ ({run['logged']})")
         run, resumed, cell = single_process[f"{task}/all"], single_process[f"{task}/all/resumed"], f"{task} x all"
@@ -126,6 +143,7 @@ def test_every_callback_on_every_task_single_process(single_process):
 @pytest.mark.ddp
 def test_every_callback_on_every_task_two_process_ddp(two_processes):
     rank0, rank1 = two_processes
+    print("DDP, rank 0:", _costs(rank0))
     failures: list[str] = []
     for task in TASKS:
         base = rank0[f"{task}/baseline"]
@@ -133,7 +151,7 @@ def test_every_callback_on_every_task_two_process_ddp(two_processes):
         for method in [*METHODS, "all"]:
             run, other, cell = rank0[f"{task}/{method}"], rank1[f"{task}/{method}"], f"{task} x {method} (DDP)"
             _check(failures, cell, other["sha"] == run["sha"], "replicas diverged")
-            _check(failures, cell, run["finite"] and run["sha"] != base["sha"], "did not act (or non-finite)")
+            _check(failures, cell, run["finite"] and run["sha"] != _baseline(base, run), "did not act (or non-finite)")
             _check(failures, cell, run["counters"] == other["counters"],
                    f"ranks decided differently {run['counters']} vs {other['counters']}")
             names = METHODS if method == "all" else [method]
