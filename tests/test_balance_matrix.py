@@ -92,7 +92,7 @@ def launch_ranks(root: Path, spec: dict, timeout: float) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def two_processes(releases, tmp_path_factory) -> tuple[dict, dict]:
     root = tmp_path_factory.mktemp("matrix2")
-    # A hang guard: ~2.5 min on an idle 2-core box, 3-4 times that at a load average of 8.
+    # A hang guard: measured ~2 min at a load average of 2 on 2 cores, ~6 min at 7.
     return launch_ranks(root, {"releases": releases, "root": str(root), "devices": 2, "methods": METHODS},
                         timeout=1500)
 
