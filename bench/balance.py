@@ -37,6 +37,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -55,6 +56,11 @@ from avmoe.models.heads.ave import AVEHeadConfig
 from avmoe.models.presets import tiny_config
 from avmoe.tasks.ave import AVETask
 from avmoe.tasks.base import OptimConfig, UnimodalConfig
+
+if __package__ in (None, ""):  # run as a script: make `bench.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import replace_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Balancing methods"
@@ -328,18 +334,6 @@ def paired_table(results: list[dict[str, Any]], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) only the ``## Balancing methods`` section of BENCHMARKS.md."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + ("" if end < 0 else text[end:])
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 TABLE_HEADS = ("| method |", "| method - baseline")
 
 
@@ -374,7 +368,7 @@ def merge_section(path: Path, body: str, note: str, title: str) -> list[str]:
     text = path.read_text() if path.is_file() else ""
     start = text.find(SECTION)
     if start < 0:
-        write_section(path, body)
+        replace_section(SECTION, body, path)
         return []
     end = text.find("\n## ", start + len(SECTION))
     end = len(text) if end < 0 else end
@@ -472,7 +466,7 @@ def main() -> None:
     if args.no_write:
         return
     if args.replace:
-        write_section(HERE / "BENCHMARKS.md", body)
+        replace_section(SECTION, body, HERE / "BENCHMARKS.md")
         return
     note = (f"Rows of {', '.join(args.methods)}: `bench/balance.py --methods {' '.join(args.methods)}` "
             f"({date.today().isoformat()}, {platform.machine()} CPU, {args.threads} torch thread(s), seeds "
