@@ -174,3 +174,17 @@ class RaiseAtStep(Callback):
     def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
         if trainer.global_step + 1 == self.step:
             raise RuntimeError(f"injected failure before step {self.step}")
+
+
+def ave_batch(task: Any, b: int = 2, events: tuple[int, int] = (2, 8), audio_scale: float = 1.0,
+              audio_shift: float = 0.0) -> dict:
+    """A seeded in-memory AVE batch for ``task``'s backbone: uint8 frames, log-mel-like audio (``randn * scale +
+    shift``), segments ``events[0]:events[1]`` labelled with class ``i % 3`` of clip i, the rest background (28)."""
+    cfg = task.backbone_config
+    g = torch.Generator().manual_seed(0)
+    label = torch.full((b, 10), 28)
+    label[:, events[0]:events[1]] = torch.arange(b)[:, None] % 3
+    return {"video": torch.randint(0, 255, (b, 10, 3, cfg.visual.image_size, cfg.visual.image_size),
+                                   dtype=torch.uint8, generator=g),
+            "audio": torch.randn(b, 10, 101, cfg.audio.num_mel_bins, generator=g) * audio_scale + audio_shift,
+            "audio_mask": torch.ones(b), "visual_mask": torch.ones(b), "index": torch.arange(b), "label": label}

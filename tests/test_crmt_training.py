@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from avmoe.callbacks.crmt import CRMT, crmt_fusion
-from tests.helpers import CONFIGS, task_fit_args
+from tests.helpers import CONFIGS, ave_batch, task_fit_args
 from tests.test_callbacks import imbalanced_release  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,17 +25,6 @@ def crmt_task():
     head = AVEHeadConfig(visual_dim=32, audio_dim=16, d_model=32, num_heads=2, ff_dim=64, num_layers=1, topk=2,
                          num_classes=3)
     return AVETask(backbone=tiny_config(), head=head, crmt=True)
-
-
-def _batch(task, b: int = 2) -> dict:
-    cfg = task.backbone_config
-    g = torch.Generator().manual_seed(0)
-    label = torch.full((b, 10), 28)
-    label[:, 2:8] = torch.arange(b)[:, None] % 3
-    return {"video": torch.randint(0, 255, (b, 10, 3, cfg.visual.image_size, cfg.visual.image_size),
-                                   dtype=torch.uint8, generator=g),
-            "audio": torch.randn(b, 10, 101, cfg.audio.num_mel_bins, generator=g),
-            "audio_mask": torch.ones(b), "visual_mask": torch.ones(b), "index": torch.arange(b), "label": label}
 
 
 def test_tasks_without_a_linear_fusion_head_fail_clearly(crmt_task):
@@ -54,7 +43,7 @@ class _NoCRMT(torch.nn.Module):
 
 
 def test_crmt_class_is_the_orthogonal_fusion_and_the_margin_joins_the_loss(crmt_task):
-    batch = _batch(crmt_task)
+    batch = ave_batch(crmt_task)
     crmt_task.train()
     _, out = crmt_task(batch)
     uni, fused, labels, rows = crmt_task.crmt_logits(out, batch)
@@ -69,7 +58,7 @@ def test_crmt_class_is_the_orthogonal_fusion_and_the_margin_joins_the_loss(crmt_
 
 
 def test_crmt_at_perturbs_the_inputs_within_the_box(crmt_task):
-    batch = _batch(crmt_task)
+    batch = ave_batch(crmt_task)
     clean_audio = batch["audio"].clone()
     clean_video = batch["video"].float() / 255
     CRMT(stage=1, adversarial=True, at_eps=0.1, at_steps=2).on_train_batch_start(None, crmt_task, batch, 0)

@@ -14,6 +14,7 @@ from avmoe.robustness.corruptions import (LOWPASS_CUTOFFS, NOISE_SNRS, OCCLUSION
 from avmoe.robustness.setting import (EvalSetting, WaveCorruption, apply_setting, drop_modalities, missing_masks,
                                       silence_db)
 from avmoe.robustness.sweep import RobustnessConfig, SweepItem
+from tests.helpers import ave_batch
 
 SR = 32000
 
@@ -230,17 +231,6 @@ def ave_task():
     return AVETask(backbone=tiny_config(), head=head, optim=OptimConfig()).eval()
 
 
-def _ave_batch(task, b: int = 2) -> dict:
-    cfg = task.backbone_config
-    g = torch.Generator().manual_seed(0)
-    label = torch.full((b, 10), 28)
-    label[:, 3:7] = torch.arange(b)[:, None] % 3
-    return {"video": torch.randint(0, 255, (b, 10, 3, cfg.visual.image_size, cfg.visual.image_size),
-                                   dtype=torch.uint8, generator=g),
-            "audio": torch.randn(b, 10, 101, cfg.audio.num_mel_bins, generator=g) * 10 - 40,
-            "audio_mask": torch.ones(b), "visual_mask": torch.ones(b), "index": torch.arange(b), "label": label}
-
-
 def _loss(task, batch) -> float:
     with torch.no_grad():
         _, out = task(batch)
@@ -248,7 +238,7 @@ def _loss(task, batch) -> float:
 
 
 def test_task_eval_step_applies_the_setting_to_what_the_encoders_see(ave_task):
-    batch = _ave_batch(ave_task)
+    batch = ave_batch(ave_task, events=(3, 7), audio_scale=10.0, audio_shift=-40.0)
     seen = []
     hook = ave_task.backbone.register_forward_pre_hook(lambda m, args: seen.append((args[0].clone(), args[1].clone())))
     try:
@@ -278,7 +268,7 @@ def test_task_eval_step_applies_the_setting_to_what_the_encoders_see(ave_task):
     EvalSetting(attack="pgd_l2", attack_eps_visual=5.0, attack_steps=2),
 ])
 def test_attacks_raise_the_task_loss_within_their_ball(ave_task, setting):
-    batch = _ave_batch(ave_task)
+    batch = ave_batch(ave_task, events=(3, 7), audio_scale=10.0, audio_shift=-40.0)
     with torch.no_grad():  # as in Lightning's test loop with inference_mode=False
         adv = apply_setting(setting, ave_task, batch)
     assert _loss(ave_task, adv) > _loss(ave_task, batch)
