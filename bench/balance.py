@@ -232,21 +232,27 @@ class StepTimer(L.Callback):
             self.times.append(time.perf_counter() - self._tic)
 
 
+def _timed_fit(method: str, root: Path, batch_size: int, lr: float, timer: L.Callback, limits: dict[str, int],
+               unimodal: str = "zero", eval_batch_size: Optional[int] = None) -> Any:
+    """One seeded fit of ``method`` with ``timer`` among its callbacks (no validation, no logging); returns it."""
+    L.seed_everything(0, workers=True)
+    task = AVETask(backbone=tiny_config(), head=HEAD, optim=OptimConfig(lr=lr, step_size=None),
+                   unimodal=UnimodalConfig(mode=unimodal))
+    dm = CachedAVEDataModule(str(root), batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=0,
+                             image_size=64, audio=AUDIO, persistent_workers=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[*METHODS[method](), timer],
+                        default_root_dir=str(root.parent / "runs"), **limits)
+    trainer.fit(task, dm)
+    return timer
+
+
 def step_cost(root: Path, batch_size: int, lr: float, steps: int = 12) -> dict[str, float]:
     """Median training-step time of the baseline and of MMPareto (both with auxiliary heads), same batches."""
     out = {}
     for method in ("baseline_aux", "mmpareto_aux"):
-        L.seed_everything(0, workers=True)
-        task = AVETask(backbone=tiny_config(), head=HEAD, optim=OptimConfig(lr=lr, step_size=None),
-                       unimodal=UnimodalConfig(mode="aux"))
-        dm = CachedAVEDataModule(str(root), batch_size=batch_size, num_workers=0, image_size=64, audio=AUDIO,
-                                 persistent_workers=False)
-        timer = StepTimer()
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, callbacks=[*METHODS[method](), timer],
-                            default_root_dir=str(root.parent / "runs"))
-        trainer.fit(task, dm)
+        timer = _timed_fit(method, root, batch_size, lr, StepTimer(), {"max_steps": steps}, unimodal="aux")
         out[f"{method}_ms"] = round(1000 * statistics.median(timer.times), 1)
     out["ratio"] = round(out["mmpareto_aux_ms"] / out["baseline_aux_ms"], 2)
     return out
@@ -278,16 +284,7 @@ def epoch_cost(root: Path, batch_size: int, lr: float, epochs: int = 3) -> dict[
     at the end of epochs 1 and 2), same batches; the extra seconds of D&R's epochs with a pass."""
     out: dict[str, Any] = {}
     for method in ("baseline", "relearning"):
-        L.seed_everything(0, workers=True)
-        task = AVETask(backbone=tiny_config(), head=HEAD, optim=OptimConfig(lr=lr, step_size=None))
-        dm = CachedAVEDataModule(str(root), batch_size=batch_size, eval_batch_size=16, num_workers=0,
-                                 image_size=64, audio=AUDIO, persistent_workers=False)
-        timer = EpochTimer()
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, callbacks=[*METHODS[method](), timer],
-                            default_root_dir=str(root.parent / "runs"))
-        trainer.fit(task, dm)
+        timer = _timed_fit(method, root, batch_size, lr, EpochTimer(), {"max_epochs": epochs}, eval_batch_size=16)
         out[f"{method}_s_per_epoch"] = [round(t, 2) for t in timer.times]
     base, relearn = out["baseline_s_per_epoch"], out["relearning_s_per_epoch"]
     # epoch 0 decodes the clips (memoised afterwards) and has no pass: compare epochs 1.. only

@@ -201,7 +201,7 @@ def test_ddp_each_video_counts_once(tmp_path):
 
     result = tmp_path / "out.pt"
     mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(result)), nprocs=2, join=True)
-    ddp = torch.load(result)
+    ddp = torch.load(result, weights_only=True)
     rng = np.random.default_rng(2)
     videos = [_random_video(rng) for _ in range(5)]
     seg = np.array([avvp_segment_level(*v) for v in videos]).mean(0)

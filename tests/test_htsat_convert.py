@@ -232,7 +232,7 @@ def test_full_forward_matches(pair: tuple[ReferenceHTSAT, ClapAudioModel, Path])
 
 def test_roundtrip_is_strict_and_complete(pair: tuple[ReferenceHTSAT, ClapAudioModel, Path]) -> None:
     ref, model, path = pair
-    converted = convert_htsat_state_dict(torch.load(path)["state_dict"])
+    converted = convert_htsat_state_dict(torch.load(path, weights_only=True)["state_dict"])
     assert set(converted) == set(model.state_dict())
     for key, value in model.state_dict().items():
         assert torch.equal(value, converted[key]), key
@@ -250,7 +250,7 @@ def test_build_from_checkpoint_config(pair: tuple[ReferenceHTSAT, ClapAudioModel
 
 def test_mismatch_lists_keys(pair: tuple[ReferenceHTSAT, ClapAudioModel, Path], tmp_path: Path) -> None:
     _, model, path = pair
-    sd = torch.load(path)["state_dict"]
+    sd = torch.load(path, weights_only=True)["state_dict"]
     del sd["sed_model.layers.1.blocks.0.norm2.weight"]
     sd["sed_model.layers.1.blocks.0.extra.weight"] = torch.zeros(1)
     bad = tmp_path / "bad.ckpt"

@@ -101,7 +101,7 @@ def test_gather_records_over_two_ranks_keeps_each_sample_once(tmp_path):
 
     out = tmp_path / "records"
     mp.spawn(_gather_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
-    rank0, rank1 = (torch.load(f"{out}.{r}") for r in (0, 1))
+    rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     assert rank0 == rank1, "every rank builds the same list"
     assert [r["index"] for r in rank0] == [0, 1, 2, 3, 4]
     assert [r["rank"] for r in rank0] == [0, 1, 0, 1, 0]

@@ -151,7 +151,7 @@ def run_cli(args: list[str]) -> int:
 
 
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def differences(a: Any, b: Any, where: str = "") -> list[str]:

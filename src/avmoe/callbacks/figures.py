@@ -9,6 +9,7 @@ Images are drawn with numpy and Pillow only (no plotting library).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
@@ -113,7 +114,7 @@ def ave_segments(frames: np.ndarray, true: np.ndarray, pred: np.ndarray, names: 
     return np.asarray(img)
 
 
-class _Figures(Callback):
+class _Figures(Callback, ABC):
     cls_name = ""
     tag = ""
 
@@ -122,8 +123,9 @@ class _Figures(Callback):
             raise ValueError("num_videos and every_n_epochs must be >= 1")
         self.num_videos, self.every_n_epochs, self.task = num_videos, every_n_epochs, task
 
+    @abstractmethod
     def draw(self, module: Any, batch: dict[str, Any], outputs: dict[str, Tensor]) -> list[np.ndarray]:
-        raise NotImplementedError
+        """The images (H, W, 3 uint8) of one fixed batch."""
 
     def _emit(self, trainer: Any, pl_module: Any, split: str) -> None:
         module, batch, outputs = fixed_batch(pl_module, trainer, self.cls_name, self.task, self.num_videos, "val")

@@ -362,12 +362,17 @@ class AVTask(LightningModule, ABC):  # LightningModule's metaclass is ``type``: 
     def training_losses(self, batch: Batch) -> tuple[BackboneOutput, Outputs, dict[str, Tensor]]:
         """Forward and the named training loss terms (task losses, then auxiliary-head losses)."""
         feats, outputs = self(batch)
+        return feats, outputs, self.loss_terms(feats, outputs, batch, self)
+
+    def loss_terms(self, feats: BackboneOutput, outputs: Outputs, batch: Batch, owner: "AVTask") -> dict[str, Tensor]:
+        """This task's named loss terms of one forward, then ``owner``'s loss hooks (the module being trained:
+        this task, or the multitask module whose member it is)."""
         losses = self.compute_losses(outputs, batch)
         if self.unimodal_heads is not None:
             losses.update(self.unimodal_losses(feats, batch))
-        for hook in self.loss_hooks:
-            losses = hook(self, outputs, batch, losses)
-        return feats, outputs, losses
+        for hook in owner.loss_hooks:
+            losses = hook(owner, outputs, batch, losses)
+        return losses
 
     def empty_step_loss(self) -> Optional[Tensor]:
         """The training step of a batch whose every clip failed to decode (skip policy)."""

@@ -213,12 +213,7 @@ class MultitaskModule(AVTask):
     def training_losses(self, batch: Batch) -> tuple[BackboneOutput, Outputs, dict[str, Tensor]]:
         task = self.member(batch)
         feats, outputs = self(batch)  # this module's encode: its feature hooks (OPM, ...) apply
-        losses = task.compute_losses(outputs, batch)
-        if task.unimodal_heads is not None:
-            losses.update(task.unimodal_losses(feats, batch))
-        for hook in self.loss_hooks:
-            losses = hook(self, outputs, batch, losses)
-        return feats, outputs, losses
+        return feats, outputs, task.loss_terms(feats, outputs, batch, self)
 
     def on_fit_start(self) -> None:
         if self.gradient_policy is not None:  # registered by its callback's on_fit_start, which runs first
