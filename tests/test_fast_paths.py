@@ -123,6 +123,23 @@ def test_htsat_fast_block_equals_library() -> None:
     assert len(cache) > 0
 
 
+def _sdpa_kernels(fn) -> set[str]:
+    """Names of the SDPA kernels torch dispatched to while running ``fn`` (forward + backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+
+
+def test_fast_backbone_attention_takes_the_fused_cpu_kernel() -> None:
+    # A 3-D attn_mask sends CPU SDPA to the unfused math path (explicit softmax + bmm), several times slower
+    # at the paper's window shapes; the cached masks are 4-D so that the fused kernel runs (fwd and bwd).
+    _, fast = _pair(tiny_config())
+    video, audio = _inputs(b=1)
+    kernels = _sdpa_kernels(lambda: _step(fast, video, audio))
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels, kernels
+    assert "aten::_scaled_dot_product_attention_math" not in kernels, kernels
+
+
 # ------------------------------------------------------------------------------ batched experts, every paper config
 def _adapter_step(module: MoEAdapter, fn, x: Tensor, other: Tensor, cotangent: Tensor) -> tuple[list[Tensor], dict]:
     """Forward + backward of one adapter: outputs, router weights, lb loss, every gradient, BN running stats."""

@@ -95,7 +95,8 @@ def shifted_window_attention(
 ) -> Tensor:
     """Window MSA of tokens x (M, H*W, C) on grid ``hw``, output projection included: -> (M, H*W, C).
 
-    ``mask``: additive (nW*heads, L, L) with ``shift > 0``, else (heads, L, L); L = win*win.
+    ``mask``: additive (1, nW*heads, L, L) with ``shift > 0``, else (1, heads, L, L); L = win*win (from
+    :func:`combine_mask`).
     ``q_scale`` (heads, 1, 1): cosine attention (Swin-V2): q and k are L2-normalised and q is scaled per head;
     None: plain dot products scaled by ``sdpa_scale`` (Swin-V1 / HTS-AT).
     """
@@ -127,11 +128,15 @@ def shifted_window_attention(
 
 
 def combine_mask(bias: Tensor, shift_mask: Optional[Tensor], shift_mask_times: int) -> Tensor:
-    """Additive SDPA mask from a (heads, L, L) position bias and an optional (nW, L, L) shift mask.
+    """Additive SDPA mask, (1, heads, L, L) or (1, nW*heads, L, L), from a (heads, L, L) position bias and an
+    optional (nW, L, L) shift mask.
 
     ``shift_mask_times``: how often the library adds the shift mask (Swin-V2 in transformers adds it twice).
+    The mask is 4-D because torch's CPU SDPA takes its fused (flash) kernel only for a 4-D ``attn_mask``; a 3-D
+    one falls back to the unfused math path (explicit softmax and bmm), 1.3-3.9x slower forward + backward at
+    the paper's window shapes (``tests/test_fast_paths.py`` pins the kernel choice).
     """
     if shift_mask is None:
-        return bias.contiguous()
+        return bias.contiguous()[None]
     combined = bias[None] + shift_mask_times * shift_mask[:, None]  # (nW, heads, L, L)
-    return combined.reshape(-1, *bias.shape[1:])
+    return combined.reshape(1, -1, *bias.shape[1:])
