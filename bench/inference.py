@@ -4,7 +4,7 @@ Same protocol as ``bench/train_step.py`` (one process, one model, rows stepped r
 ``plain`` (library attention blocks), ``+fast attention`` (``backbone.fast`` without its batched experts),
 ``+batched experts`` (the rest of ``backbone.fast``), ``+compile`` (regional
 ``torch.compile``; default on CUDA, ``--compile`` on a CPU), per precision, and ``official`` (the official
-AVMoE AVE forward in eval mode under no_grad, from ``--official ROOT``).
+AVMoE AVE forward in eval mode under no_grad, from ``--official ROOT``; one row per precision).
 
     python bench/inference.py                                     # on a GPU
     python bench/inference.py --device cpu --clips 1 --official /path/to/AVMOE-checkout

@@ -132,12 +132,30 @@ def official_step(model: nn.Module, opt: torch.optim.Optimizer | None, batch: di
     opt.zero_grad()
 
 
-def official_runner(
-    root: str | Path, clips: int, frames: int, train: bool, device: torch.device = torch.device("cpu")
-) -> Callable[[], None]:
-    """A zero-argument callable running one official step (``train``) or forward on fixed in-memory inputs."""
+def official_name(precision: str) -> str:
+    """Row name of the official code at ``precision`` ("official" for fp32)."""
+    return "official" if precision == "32-true" else f"official {precision}"
+
+
+def official_runners(
+    root: str | Path, clips: int, frames: int, train: bool, precisions: list[str],
+    device: torch.device = torch.device("cpu"),
+) -> dict[str, Callable[[], None]]:
+    """Row name -> zero-argument callable running one official step (``train``) or forward on fixed in-memory
+    inputs, one per precision; they share one model and optimizer (memory). ``bf16-mixed`` wraps the step in
+    ``torch.autocast(bfloat16)``, as a user of the official code would add it (the official scripts run fp32)."""
     model = load_official_ave(root).to(device)
     model.train(train)  # the official loop trains in train mode, evaluates in eval mode
     opt = official_optimizer(model) if train else None
     batch = official_batch(clips, frames, device)
-    return lambda: official_step(model, opt, batch)
+
+    def runner(precision: str) -> Callable[[], None]:
+        def run() -> None:
+            if precision == "bf16-mixed":
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    official_step(model, opt, batch)
+            else:
+                official_step(model, opt, batch)
+        return run
+
+    return {official_name(p): runner(p) for p in precisions}

@@ -7,7 +7,8 @@ attention`` (fused window attention with cached frozen constants: ``backbone.fas
 ``+batched experts`` (the rest of ``backbone.fast``: the ``linear`` unimodal experts of each MoE module share one
 LayerNorm and one down-projection GEMM, ``models/moe_batched.py``), ``+fused Adam``, ``+compile`` (regional
 ``torch.compile``: ``backbone.compile``; default on CUDA, ``--compile`` on a CPU), each precision in
-``--precision``, and ``official`` (the official AVMoE AVE code from a local checkout, ``--official ROOT``).
+``--precision``, and ``official`` (the official AVMoE AVE code from a local checkout, ``--official ROOT``; one row
+per precision, ``official bf16-mixed`` under ``torch.autocast``).
 
     python bench/train_step.py                                       # on a GPU: the BENCHMARKS.md table
     python bench/train_step.py --device cpu --clips 1 --official /path/to/AVMOE-checkout
@@ -233,14 +234,13 @@ def print_table(results: list[Result], device_name: str, gpu: bool) -> None:
 
 
 def print_vs_official(results: list[Result]) -> None:
-    """Speed of each row relative to the official code at the same batch (official s/step / row s/step)."""
+    """Speed of each row relative to each official row at the same batch (official s/step / row s/step)."""
     for clips in sorted({r.clips for r in results}):
         same = [r for r in results if r.clips == clips]
-        official = next((r for r in same if r.name == "official"), None)
-        if official is None:
-            continue
-        ratios = ", ".join(f"{r.name}: {official.s_per_step / r.s_per_step:.2f}x" for r in same if r is not official)
-        print(f"vs official at {clips} clip(s) (official s/step / row s/step): {ratios}")
+        for official in (r for r in same if r.name.startswith("official")):
+            ratios = ", ".join(f"{r.name}: {official.s_per_step / r.s_per_step:.2f}x"
+                               for r in same if not r.name.startswith("official"))
+            print(f"vs {official.name} at {clips} clip(s) (official s/step / row s/step): {ratios}")
 
 
 def parser_for(doc: str, clips: list[int]) -> argparse.ArgumentParser:
@@ -252,7 +252,7 @@ def parser_for(doc: str, clips: list[int]) -> argparse.ArgumentParser:
     parser.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="add the +compile row (default: on CUDA only)")
-    parser.add_argument("--official", help="root of a checkout of the official AVMoE code: adds its row (fp32)")
+    parser.add_argument("--official", help="root of a checkout of the official AVMoE code: adds its rows (one per --precision, one shared model)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, help="GPU peak for MFU (default: by GPU name)")
@@ -280,7 +280,8 @@ def measure(
     results = []
     for name, (times, peak) in measured.items():
         row = by_name.get(name)
-        result = summarise(name, clips, row.precision if row else "32-true", times, peak)
+        precision = row.precision if row else (name.split(" ", 1)[1] if " " in name else "32-true")  # official
+        result = summarise(name, clips, precision, times, peak)
         if row and row.compile:
             result.compile_s = task.backbone.compile_seconds - compile_before
         if device.type == "cuda":
@@ -313,9 +314,9 @@ def run_benchmark(
         batch = make_batch(task, clips, device)
         runners = {row.name: runner_for(row, batch) for row in rows}
         if args.official:
-            from bench.official import official_runner
+            from bench.official import official_runners
 
-            runners["official"] = official_runner(args.official, clips, T, train=train, device=device)
+            runners |= official_runners(args.official, clips, T, train, args.precision, device)
         results += measure(task, rows, runners, clips, device, args)
     report(results, device, args.json)
     return results
