@@ -140,6 +140,52 @@ def test_fast_backbone_attention_takes_the_fused_cpu_kernel() -> None:
     assert "aten::_scaled_dot_product_attention_math" not in kernels, kernels
 
 
+def _bf16_errors(library, fast, x: Tensor) -> tuple[float, float]:
+    """Errors of one block under CPU bf16 autocast, library vs fast, against the library in fp32, relative to the
+    block's fp32 update (so that the residual does not hide the attention)."""
+    ref = library(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = library(x).float(), fast(x).float()
+    return tuple(float((g - ref).norm() / (ref - x).norm()) for g in got)
+
+
+def test_fast_blocks_under_cpu_bf16_autocast_are_as_close_to_fp32_as_the_library() -> None:
+    # Under CPU bf16 autocast the fast path runs two bf16 GEMMs around fp32 scores (torch's fused CPU kernel is
+    # several times slower there): scale, bias + mask and softmax in fp32 as the library does, so each block is
+    # as close to the fp32 result as the library's own bf16 block.
+    torch.manual_seed(0)
+    cache = FrozenCache()
+    vis = swin.build_swin(tiny_config().visual).eval().requires_grad_(False)
+    aud = htsat.build_htsat(tiny_config().audio).eval().requires_grad_(False)
+    _perturb_encoders(vis)
+    _perturb_encoders(aud)
+    x, hw = swin.embed(vis, torch.randn(3, 3, 64, 64))
+    errors = []
+    for stage in vis.encoder.layers:
+        for layer in stage.blocks:
+            errors.append(_bf16_errors(lambda t: swin.attn_half(layer, t, hw),
+                                       lambda t: swin.attn_half_fast(layer, t, hw, cache), x))
+            x = swin.mlp_half(layer, swin.attn_half(layer, x, hw))
+        x, hw = swin.downsample(stage, x, hw)
+    x, hw = htsat.embed(aud, torch.randn(4, 1, 101, 32))
+    for stage in aud.audio_encoder.layers:
+        for layer in stage.blocks:
+            errors.append(_bf16_errors(lambda t: htsat.block(layer, t, hw),
+                                       lambda t: htsat.block_fast(layer, t, hw, cache), x))
+            x = htsat.block(layer, x, hw)
+        x, hw = htsat.downsample(stage, x, hw)
+    for library, fast in errors:
+        assert 0 < library < 0.05 and fast < 1.25 * library + 1e-3, errors
+
+
+def test_fast_backbone_under_cpu_bf16_autocast_skips_the_fused_kernel() -> None:
+    _, fast = _pair(tiny_config())
+    video, audio = _inputs(b=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels = _sdpa_kernels(lambda: _step(fast, video, audio))
+    assert not kernels, kernels
+
+
 # ------------------------------------------------------------------------------ batched experts, every paper config
 def _adapter_step(module: MoEAdapter, fn, x: Tensor, other: Tensor, cotangent: Tensor) -> tuple[list[Tensor], dict]:
     """Forward + backward of one adapter: outputs, router weights, lb loss, every gradient, BN running stats."""

@@ -28,7 +28,7 @@ from transformers import ClapAudioConfig, ClapAudioModel, ClapModel
 from avmoe._private_api import ClapAudioLayer, ClapAudioStage  # transformers internals: see there
 
 from ..config import AudioEncoderConfig
-from .windows import FrozenCache, attention_dtype, combine_mask, frozen, fused_qkv, shifted_window_attention, tensor_key
+from .windows import FrozenCache, combine_mask, frozen, fused_qkv, mask_dtype, shifted_window_attention, tensor_key
 
 Grid = tuple[int, int]
 
@@ -201,7 +201,7 @@ def block_fast(layer: ClapAudioLayer, x: Tensor, hw: Grid, cache: FrozenCache, c
     if win != attn.window_size[0]:  # the library cannot run this either: its bias table is for another window
         return block(layer, x, hw)
     padded = (-(-hw[0] // win) * win, -(-hw[1] // win) * win)
-    dtype = attention_dtype(x)
+    dtype = mask_dtype(x)
     table = attn.relative_position_bias_table
 
     def build_mask() -> Tensor:

@@ -19,7 +19,7 @@ from transformers import Swinv2Config, Swinv2Model
 from avmoe._private_api import Swinv2Layer, Swinv2Stage, window_partition, window_reverse  # internals: see there
 
 from ..config import VisualEncoderConfig
-from .windows import FrozenCache, attention_dtype, combine_mask, frozen, fused_qkv, shifted_window_attention, tensor_key
+from .windows import FrozenCache, combine_mask, frozen, fused_qkv, mask_dtype, shifted_window_attention, tensor_key
 
 Grid = tuple[int, int]
 
@@ -150,7 +150,7 @@ def attn_half_fast(layer: Swinv2Layer, x: Tensor, hw: Grid, cache: FrozenCache, 
     padded = (-(-hw[0] // win) * win, -(-hw[1] // win) * win)
     cpb = attn.continuous_position_bias_mlp
 
-    dtype = attention_dtype(x)
+    dtype = mask_dtype(x)
 
     def build_mask() -> Tensor:
         return attention_mask(layer, padded, dtype, x.device)

@@ -60,6 +60,19 @@ def attention_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+def fused_kernel(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether window attention on this device and q/k/v dtype runs through ``F.scaled_dot_product_attention``
+    (see :func:`window_softmax_attention`)."""
+    return device_type != "cpu" or dtype == torch.float32
+
+
+def mask_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the cached additive mask needs for input x: q/k/v's for the fused kernel (it requires it), fp32
+    for the explicit low-precision CPU path, which adds bias and mask to fp32 scores as the library does."""
+    dtype = attention_dtype(x)
+    return dtype if fused_kernel(x.device.type, dtype) else torch.float32
+
+
 def fused_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear) -> tuple[Tensor, Optional[Tensor]]:
     """Stacked (3C, C) weight and (3C,) bias of three projections; a missing bias is zero (Swin-V2's key)."""
     weight = torch.cat([query.weight, key.weight, value.weight])
@@ -118,13 +131,31 @@ def shifted_window_attention(
         k = F.normalize(k, dim=-1).to(v.dtype)
     if shift > 0:  # the mask differs per window: lay windows and heads out on one axis
         q, k, v = (t.view(m, nh * nw * heads, length, d) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=sdpa_scale)
+    out = window_softmax_attention(q, k, v, mask, dropout_p, sdpa_scale)
     out = out.view(m, nh, nw, heads, win, win, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(m, hp, wp, c)  # copy out
     if shift > 0:
         out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
     if hp != h or wp != w:
         out = out[:, :h, :w, :]
     return F.linear(out.reshape(m, h * w, c), out_weight, out_bias)
+
+
+def window_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float, scale: float) -> Tensor:
+    """``softmax(q k^T * scale + mask) v`` over windows: q, k, v (B, heads, L, d), mask (1, heads, L, L) -> (B, heads, L, d).
+
+    fp32 (and every GPU dtype): ``F.scaled_dot_product_attention`` (fused kernel). bf16 / fp16 on a CPU: two
+    low-precision GEMMs around fp32 scores (scale, bias + mask, softmax), the library's order of operations under
+    autocast; torch's fused CPU kernel ran these short windows 2-11x slower than that in bf16, forward + backward
+    at the paper's window shapes (L = 36-144, d = 32), while in fp32 it is the faster one (bench/BENCHMARKS.md,
+    "Window attention kernel").
+    """
+    if fused_kernel(q.device.type, q.dtype):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale + mask  # (B, heads, L, L), fp32 mask
+    att = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        att = F.dropout(att, p=dropout_p)
+    return torch.matmul(att.to(v.dtype), v)
 
 
 def combine_mask(bias: Tensor, shift_mask: Optional[Tensor], shift_mask_times: int) -> Tensor:
