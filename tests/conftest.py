@@ -17,6 +17,18 @@ from tests import helpers  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def _cost_rank(item: pytest.Item) -> int:
+    """0: multi-process (``ddp``), 1: end-to-end (``slow``), 2: the rest."""
+    return 0 if item.get_closest_marker("ddp") else 1 if item.get_closest_marker("slow") else 2
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own fixture-scope ordering, which the stable sort keeps per rank
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest tests first. pytest-xdist hands out tests in collection order; a multi-process test collected late
+    (files run alphabetically) kept one worker busy for a minute after the other had run out of work."""
+    items.sort(key=_cost_rank)
+
+
 @pytest.fixture(autouse=True)
 def _destroy_process_group():
     """A test that fails inside DDP must not leak its process group into the next one."""

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bench import inference, official, train_step
+from bench import attention_kernel, inference, official, train_step
 from tests.test_callbacks import imbalanced_release  # noqa: F401  (fixture)
 
 
@@ -29,6 +29,17 @@ def test_inference_benchmark_runs_tiny_on_cpu():
                               "--warmup", "0", "--iters", "1"])
     assert [r.name for r in results] == ["plain", "+fast attention", "+batched experts"]
     assert all(r.frames_per_s > 0 for r in results)
+
+
+def test_attention_kernel_benchmark_uses_the_encoders_window_shapes():
+    from avmoe.models.config import AVMoEConfig
+
+    shapes = attention_kernel.window_shapes(AVMoEConfig(), frames=2)
+    # Swin-V2-L/12 @192: grids 48, 24, 12, 6 (the last clamps the window to 6); HTS-AT: grids 64..8, window 8
+    assert shapes[0] == ("swin", 0, 2 * 16, 6, 144, 32) and shapes[3] == ("swin", 3, 2, 48, 36, 32)
+    assert shapes[4] == ("htsat", 0, 2 * 64, 4, 64, 24) and shapes[7] == ("htsat", 3, 2, 32, 64, 24)
+    for kind in ("fused", "gemm"):  # both kernels run forward + backward at a real shape
+        attention_kernel.runner(kind, shapes[3][2:], torch.bfloat16)()
 
 
 def test_official_harness_names_a_missing_checkout(tmp_path):

@@ -151,7 +151,12 @@ def window_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, drop
     """
     if fused_kernel(q.device.type, q.dtype):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale + mask  # (B, heads, L, L), fp32 mask
+    return gemm_attention(q, k, v, mask, dropout_p, scale)
+
+
+def gemm_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float, scale: float) -> Tensor:
+    """The explicit path of :func:`window_softmax_attention`: GEMMs in q/k/v's dtype, scores in fp32."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale + mask  # (B, heads, L, L)
     att = scores.softmax(dim=-1)
     if dropout_p > 0:
         att = F.dropout(att, p=dropout_p)
