@@ -152,7 +152,7 @@ def main(argv: Any = None) -> list[dict[str, float]]:
     text = table(results, args, time.time() - start)
     print(text)
     if not args.no_write:
-        replace_section(SECTION, text)
+        replace_section(SECTION, text, keep_from="Reading")  # a hand-written reading is revised, not dropped
     return results
 
 
