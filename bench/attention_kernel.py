@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.*` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from avmoe.models.backbones.windows import gemm_attention  # noqa: E402
+from bench.timing import round_robin  # noqa: E402
 from avmoe.models.config import AVMoEConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -65,15 +65,8 @@ def runner(kind: str, shape: tuple[int, int, int, int], dtype: torch.dtype) -> C
 
 
 def measure(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds of each runner over ``rounds`` round-robin rounds after one warm-up."""
+    return {k: statistics.median(v) for k, v in round_robin(runs, rounds).items()}
 
 
 def table(frames: int, rounds: int) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +31,7 @@ from avmoe.models.config import AVMoEConfig  # noqa: E402
 from avmoe.models.moe import MoEAdapter  # noqa: E402
 from avmoe.models.moe_batched import batched_moe_forward  # noqa: E402
 from avmoe.models.presets import PAPER_CONFIGS, paper_config  # noqa: E402
+from bench.timing import round_robin  # noqa: E402
 
 
 def paper_shapes(cfg: AVMoEConfig) -> list[tuple[int, str, int, int, int, int]]:
@@ -109,14 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             x, other = torch.randn(args.frames, tokens, dim), torch.randn(args.frames, otokens, odim)
             check_equal(module, x, other)
             fns = runners(module, x, other)
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for fn in fns.values():
-                fn()  # warm-up
-            for _ in range(args.rounds):
-                for key, fn in fns.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[key].append(time.perf_counter() - start)
+            times = round_robin(fns, args.rounds)
             med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
             best = {k: min(v) for k, v in times.items()}  # least disturbed by other processes
             rows.append({"config": name, "stage": stage, "side": side, **med})

@@ -45,6 +45,7 @@ from avmoe.models.heads.ave import AVEHeadConfig  # noqa: E402
 from avmoe.models.presets import tiny_config  # noqa: E402
 from avmoe.tasks.ave import AVETask  # noqa: E402
 from avmoe.tasks.base import OptimConfig  # noqa: E402
+from bench.timing import round_robin  # noqa: E402
 
 T = 10  # segments per AVE clip
 PEAK_TFLOPS = {"H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0)}  # (bf16, tf32) dense
@@ -199,17 +200,8 @@ def run_rows(
     runners: dict[str, Callable[[], None]], warmup: int, iters: int, device: torch.device
 ) -> dict[str, tuple[list[float], float]]:
     """Warm every runner up, then step them round robin ``iters`` times: name -> (step times, peak GiB)."""
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    peaks: dict[str, float] = {k: 0.0 for k in runners}
-    for _ in range(iters):
-        for name, fn in runners.items():
-            took, peak = timed(fn, device)
-            times[name].append(took)
-            peaks[name] = max(peaks[name], peak)
-    return {k: (times[k], peaks[k]) for k in runners}
+    measured = round_robin(runners, iters, warmup, timer=lambda fn: timed(fn, device))
+    return {k: ([t for t, _ in v], max((p for _, p in v), default=0.0)) for k, v in measured.items()}
 
 
 def summarise(name: str, clips: int, precision: str, times: list[float], peak: float) -> Result:
