@@ -4,8 +4,10 @@ One process, one model (same weights): each row switches one optimisation on top
 rows are stepped in turn (round robin) so that load from other processes spreads over all of them; the median
 step time is reported. Rows: ``plain`` (library attention blocks, experts one by one, for-loop Adam), ``+fast
 attention`` (fused window attention with cached frozen constants: ``backbone.fast`` without its batched experts),
-``+batched experts`` (the rest of ``backbone.fast``: the ``linear`` unimodal experts of each MoE module share one
-LayerNorm and one down-projection GEMM, ``models/moe_batched.py``), ``+fused Adam``, ``+compile`` (regional
+``+batched experts`` (the ``linear`` unimodal experts of each MoE module share one LayerNorm and one
+down-projection GEMM, ``models/moe_batched.py``), ``+factored token map`` (the rest of ``backbone.fast``: the
+cross-modal experts read the mapped other modality without materialising it where that saves FLOPs,
+``models/moe_factored.py``), ``+fused Adam``, ``+compile`` (regional
 ``torch.compile``: ``backbone.compile``; default on CUDA, ``--compile`` on a CPU), each precision in
 ``--precision``, and ``official`` (the official AVMoE AVE code from a local checkout, ``--official ROOT``; one row
 per precision, ``official bf16-mixed`` under ``torch.autocast``).
@@ -58,6 +60,7 @@ class Row:
     name: str
     fast: bool = False
     batched: bool = False
+    factored: bool = False
     fused_adam: bool = False
     compile: bool = False
     precision: str = "32-true"
@@ -114,6 +117,7 @@ def apply_row(task: AVETask, row: Row) -> None:
     backbone = task.backbone
     backbone.config.fast = row.fast
     backbone.batch_experts = row.batched
+    backbone.factor_token_map = None if row.factored else False  # None: where it saves FLOPs (the default)
     for unit in backbone._compiled.values():
         unit.enabled = row.compile
 
@@ -126,9 +130,11 @@ def rows_for(args: argparse.Namespace, device: torch.device) -> list[Row]:
         rows += [Row("plain" + tag, precision=precision),
                  Row("+fast attention" + tag, fast=True, precision=precision),
                  Row("+batched experts" + tag, fast=True, batched=True, precision=precision),
-                 Row("+fused Adam" + tag, fast=True, batched=True, fused_adam=True, precision=precision)]
+                 Row("+factored token map" + tag, fast=True, batched=True, factored=True, precision=precision),
+                 Row("+fused Adam" + tag, fast=True, batched=True, factored=True, fused_adam=True,
+                     precision=precision)]
         if compile_on:
-            rows.append(Row("+compile" + tag, fast=True, batched=True, fused_adam=True, compile=True,
+            rows.append(Row("+compile" + tag, fast=True, batched=True, factored=True, fused_adam=True, compile=True,
                             precision=precision))
     return rows
 

@@ -16,9 +16,10 @@ def test_train_step_benchmark_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "r.json"
     results = train_step.main(["--tiny", "--device", "cpu", "--clips", "1", "--precision", "32-true", "bf16-mixed",
                                "--warmup", "0", "--iters", "1", "--json", str(out)])
-    assert [r.name for r in results] == ["plain", "+fast attention", "+batched experts", "+fused Adam",
-                                         "plain bf16-mixed", "+fast attention bf16-mixed",
-                                         "+batched experts bf16-mixed", "+fused Adam bf16-mixed"]
+    assert [r.name for r in results] == ["plain", "+fast attention", "+batched experts", "+factored token map",
+                                         "+fused Adam", "plain bf16-mixed", "+fast attention bf16-mixed",
+                                         "+batched experts bf16-mixed", "+factored token map bf16-mixed",
+                                         "+fused Adam bf16-mixed"]
     assert all(r.frames_per_s > 0 and r.s_per_step > 0 and r.peak_gib > 0 for r in results)
     assert results[0].speedup == 1.0
     assert json.loads(out.read_text())[0]["clips"] == 1
@@ -27,7 +28,7 @@ def test_train_step_benchmark_runs_tiny_on_cpu(tmp_path):
 def test_inference_benchmark_runs_tiny_on_cpu():
     results = inference.main(["--tiny", "--device", "cpu", "--clips", "1", "--precision", "32-true",
                               "--warmup", "0", "--iters", "1"])
-    assert [r.name for r in results] == ["plain", "+fast attention", "+batched experts"]
+    assert [r.name for r in results] == ["plain", "+fast attention", "+batched experts", "+factored token map"]
     assert all(r.frames_per_s > 0 for r in results)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from avmoe.models.compile import RegionalCompile
 from avmoe.models.config import AdapterConfig
 from avmoe.models.moe import MoEAdapter
 from avmoe.models.moe_batched import batched_moe_forward
+from avmoe.models.moe_factored import factoring_pays
+from avmoe.models.presets import paper_adapter
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*RANDOM weights"), pytest.mark.usefixtures("one_thread")]
 
@@ -197,9 +200,10 @@ def _adapter_step(module: MoEAdapter, fn, x: Tensor, other: Tensor, cotangent: T
     return [out, weights, lb, *[b.clone() for b in module.buffers()]], grads
 
 
+@pytest.mark.parametrize("factor", [False, True], ids=["materialised", "factored"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("task", PAPER_TASKS)
-def test_batched_experts_equal_experts_one_by_one(task: str, train: bool) -> None:
+def test_batched_experts_equal_experts_one_by_one(task: str, train: bool, factor: bool) -> None:
     cfg = AdapterConfig(**_task_backbone(task)["adapter"])
     torch.manual_seed(0)
     batched = MoEAdapter(32, 24, 12, 20, cfg, gated=True).train(train)  # dim, other dim, tokens, other tokens
@@ -217,7 +221,8 @@ def test_batched_experts_equal_experts_one_by_one(task: str, train: bool) -> Non
     x, other, cotangent = torch.randn(6, 12, 32, generator=g), torch.randn(6, 20, 24, generator=g), \
         torch.randn(6, 12, 32, generator=g)
     out_plain, grads_plain = _adapter_step(plain, lambda m, a, b: m(a, b), x, other, cotangent)
-    out_batched, grads_batched = _adapter_step(batched, batched_moe_forward, x, other, cotangent)
+    out_batched, grads_batched = _adapter_step(batched, partial(batched_moe_forward, factor=factor), x, other,
+                                               cotangent)
     for ref, got in zip(out_plain, out_batched, strict=True):  # incl. BN running stats (per expert)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert grads_plain.keys() == grads_batched.keys() == {n for n, _ in plain.named_parameters()}
@@ -225,6 +230,39 @@ def test_batched_experts_equal_experts_one_by_one(task: str, train: bool) -> Non
         torch.testing.assert_close(grads_batched[name], grads_plain[name], rtol=1e-5, atol=1e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")
     assert batched.state_dict().keys() == plain.state_dict().keys()
+
+
+def _mixing_flops(module: MoEAdapter, x: Tensor, other: Tensor, factor: bool) -> tuple[int, int]:
+    """(total FLOPs of a forward, calls of TokenMapping.forward) for the batched experts, factored or not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    hook = module.token_map.register_forward_hook(lambda *_: calls.append(1))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        batched_moe_forward(module, x, other, factor=factor)
+    hook.remove()
+    return counter.get_total_flops(), len(calls)
+
+
+@pytest.mark.parametrize("task, dims, pays", [
+    ("ave", (192, 96), True),  # Swin stage 0 <- HTS-AT stage 0 at paper width: 2 x 32 latents < 96
+    ("ave", (96, 192), True),  # the audio side of the same position
+    ("avqa", (192, 96), True),  # 2 latents
+    ("avs_ms3", (192, 96), False),  # two cross-modal experts: 2 x 64 latent columns > 96
+    ("ave", (48, 32), False),  # narrower than the latents: materialising y is cheaper
+])
+def test_factored_token_map_is_chosen_where_it_saves_flops(task: str, dims: tuple[int, int], pays: bool) -> None:
+    """The automatic choice (``factor=None``) follows the FLOP count: the factored read never materialises y,
+    and wherever it is chosen it runs fewer FLOPs than materialising y (measured by torch's FLOP counter)."""
+    module = MoEAdapter(dims[0], dims[1], 96, 160, paper_adapter(task), gated=True).eval()
+    assert factoring_pays(module) is pays
+    g = torch.Generator().manual_seed(0)
+    x, other = torch.randn(2, 96, dims[0], generator=g), torch.randn(2, 160, dims[1], generator=g)
+    flops_y, calls_y = _mixing_flops(module, x, other, factor=False)
+    flops_f, calls_f = _mixing_flops(module, x, other, factor=True)
+    assert (calls_y, calls_f) == (1, 0)
+    assert (flops_f < flops_y) is pays, (flops_f, flops_y)
 
 
 def test_fast_backbone_runs_the_batched_experts() -> None:
@@ -246,9 +284,11 @@ def test_fast_backbone_runs_the_batched_experts() -> None:
 
 
 # --------------------------------------------------------------------------------- backbone, every paper config
+@pytest.mark.parametrize("factor", [None, True], ids=["auto", "factored"])
 @pytest.mark.parametrize("task", PAPER_TASKS)
-def test_fast_backbone_equals_plain_for_paper_config(task: str) -> None:
+def test_fast_backbone_equals_plain_for_paper_config(task: str, factor) -> None:
     plain, fast = _pair(tiny_config(**_task_backbone(task)))
+    fast.factor_token_map = factor  # auto: only AVQA's 2 latents factor at the tiny width 32
     video, audio = _inputs()
     out_plain, grads_plain = _step(plain, video, audio)
     out_fast, grads_fast = _step(fast, video, audio)

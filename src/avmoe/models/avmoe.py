@@ -96,6 +96,9 @@ class AVMoEBackbone(nn.Module):
         # Part of the fast path: the MoE experts' shared work done once (models/moe_batched.py).
         # Only read when ``config.fast`` is on; False times / compares the fast attention alone (bench/train_step.py).
         self.batch_experts = True
+        # Part of the batched experts: the cross-modal experts read the mapped other modality in factored form
+        # (models/moe_factored.py); None = where it costs fewer FLOPs, True/False force it (bench, tests).
+        self.factor_token_map: Optional[bool] = None
         self.train(self.training)
 
     # ----------------------------------------------------------------------------------------------- construction
@@ -304,7 +307,7 @@ class AVMoEBackbone(nn.Module):
 
     def _moe(self, module: MoEAdapter, x: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.config.fast and self.batch_experts:
-            return self._compiled["moe_adapter.batched"](module, x, other)
+            return self._compiled["moe_adapter.batched"](module, x, other, self.factor_token_map)
         return self._compiled["moe_adapter"](module, x, other)
 
     def _paired_block(

@@ -42,7 +42,9 @@ class RegionalCompile:
             except Exception as exc:  # noqa: BLE001 -- any failure to set up compilation means "unsupported"
                 self._disable(exc)
                 return self.fn(*args)
-        key = tuple(tuple(a.shape) + (a.dtype,) for a in args if hasattr(a, "shape"))
+        # Shapes and constant flags (guards of the compiled graph); modules are graph inputs, not keys.
+        key = tuple(tuple(a.shape) + (a.dtype,) if hasattr(a, "shape") else a
+                    for a in args if hasattr(a, "shape") or isinstance(a, (bool, type(None))))
         start = time.perf_counter()
         try:
             out = self._compiled(*args)

@@ -84,7 +84,10 @@ class Router(nn.Module):
         self.noise_std = noise_std
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:  # (M, N, C), (M, N, C) -> (M, E)
-        logits = self.mlp(torch.cat([x.mean(1), y.mean(1)], dim=-1))
+        return self.route(x.mean(1), y.mean(1))
+
+    def route(self, x_mean: Tensor, y_mean: Tensor) -> Tensor:  # (M, C), (M, C) token means -> (M, E)
+        logits = self.mlp(torch.cat([x_mean, y_mean], dim=-1))
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         return logits.softmax(dim=-1)
@@ -103,9 +106,14 @@ class LatentTokens(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor, source: Tensor) -> Tensor:  # (M, N, C), (M, N', C) -> (M, N, C)
+        return self.read(x, self.summarise(source))
+
+    def summarise(self, source: Tensor) -> Tensor:  # (M, N', C) -> t (M, T, C)
         # (M*N', C) @ (C, T): one folded GEMM on the contiguous source, softmax over N' on the strided view
         att = torch.matmul(source, self.tokens.t()).softmax(dim=1)  # (M, N', T)
-        t = self.tokens + torch.bmm(att.transpose(1, 2), source)  # (M, T, C)
+        return self.tokens + torch.bmm(att.transpose(1, 2), source)
+
+    def read(self, x: Tensor, t: Tensor) -> Tensor:  # (M, N, C), (M, T, C) -> (M, N, C)
         att = torch.bmm(x, t.transpose(1, 2)).softmax(dim=-1)  # (M, N, T)
         return x + self.gate * torch.bmm(att, t)
 

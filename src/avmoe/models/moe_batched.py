@@ -7,6 +7,8 @@ LayerNorm normalisation ``x_hat``, their LN_before affines are folded into the d
 ``W (x_hat * g + b) = x_hat (W diag g)^T + W b``, and all of their down projections are one GEMM over ``x_hat``
 with the stacked weights (autograd flows through the folding to the same parameters). Everything after the down
 projection runs per expert as in the reference: BatchNorm (``use_bn``, AVE) keeps its per-expert statistics.
+Where it takes fewer FLOPs, the mapped other modality is never materialised: the router and the cross-modal
+experts read it in factored form (``models/moe_factored.py``).
 
 Measured and left out (bench/BENCHMARKS.md, "MoE experts, module level"): stacking all experts for one ``bmm``
 up-projection and one LN_post over the stacked (E, M*N, C) activations, with the LN_post affine folded into the
@@ -22,19 +24,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .moe import MoEAdapter, load_balance_loss
+from .moe import CrossModalExpert, MoEAdapter, load_balance_loss
+from .moe_factored import factored_reads, factoring_pays
 
 
-def batched_moe_forward(module: MoEAdapter, x: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:meth:`MoEAdapter.forward` with the shared-input experts batched: ``(out (M, N, C), weights (M, E), lb)``."""
-    y = module.token_map(other)  # (M, N, C)
-    weights = module.router(x, y)  # (M, E)
+def batched_moe_forward(
+    module: MoEAdapter, x: Tensor, other: Tensor, factor: Optional[bool] = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:meth:`MoEAdapter.forward` with the shared-input experts batched: ``(out (M, N, C), weights (M, E), lb)``.
+
+    ``factor``: read the mapped other modality without materialising it (``models/moe_factored.py``); None =
+    where that costs fewer FLOPs (:func:`~avmoe.models.moe_factored.factoring_pays`).
+    """
     experts = list(module.experts)
+    mean, y, summaries = _mapped(module, experts, other, factoring_pays(module) if factor is None else factor)
+    weights = module.router.route(x.mean(1), mean)  # (M, E)
     down = _shared_down(experts, x)
     out: Optional[Tensor] = None
     for e, expert in enumerate(experts):
         b = expert.bottleneck
-        h = down[e] if e in down else b.down(b.ln_before(expert.pre(x, y)))  # (M, N, C/r)
+        if e in down:
+            h = down[e]  # (M, N, C/r)
+        else:  # y is None only where every expert that reads it has its summary
+            h = b.down(b.ln_before(expert.fusion.read(x, summaries[e]) if e in summaries else expert.pre(x, y)))
         h = b._bn(b.bn_down, h)
         if b.activation:
             h = F.relu(h)
@@ -43,6 +55,17 @@ def batched_moe_forward(module: MoEAdapter, x: Tensor, other: Tensor) -> tuple[T
         coef = coef[:, None, None]
         out = h * coef if out is None else torch.addcmul(out, h, coef)
     return out, weights, load_balance_loss(weights)  # type: ignore[return-value]
+
+
+def _mapped(module: MoEAdapter, experts: list, other: Tensor, factor: bool) -> tuple[Tensor, Optional[Tensor], dict]:
+    """``(mean_N y (M, C), y (M, N, C) or None, {e: t_e (M, T, C)})`` for ``y = token_map(other)``: materialised,
+    or (``factor``) read by the cross-modal experts' latent tokens through its factored form only."""
+    cross = [e for e, expert in enumerate(experts) if isinstance(expert, CrossModalExpert)] if factor else []
+    if not cross:
+        y = module.token_map(other)
+        return y.mean(1), y, {}
+    mean, summaries = factored_reads(module.token_map, [experts[e].fusion.tokens for e in cross], other)
+    return mean, None, dict(zip(cross, summaries))
 
 
 def _shared_down(experts: list, x: Tensor) -> dict[int, Tensor]:
