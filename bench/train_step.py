@@ -237,8 +237,10 @@ def print_vs_official(results: list[Result]) -> None:
         same = [r for r in results if r.clips == clips]
         for official in (r for r in same if r.name.startswith("official")):
             ratios = ", ".join(f"{r.name}: {official.s_per_step / r.s_per_step:.2f}x"
+                               f" ({statistics.median(o / t for o, t in zip(official.times, r.times)):.2f}x)"
                                for r in same if not r.name.startswith("official"))
-            print(f"vs {official.name} at {clips} clip(s) (official s/step / row s/step): {ratios}")
+            print(f"vs {official.name} at {clips} clip(s) (official s/step / row s/step; in brackets the median "
+                  f"of the per-round ratios, steadier where the machine's speed drifts): {ratios}")
 
 
 def parser_for(doc: str, clips: list[int]) -> argparse.ArgumentParser:
@@ -251,6 +253,8 @@ def parser_for(doc: str, clips: list[int]) -> argparse.ArgumentParser:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="add the +compile row (default: on CUDA only)")
     parser.add_argument("--official", help="root of a checkout of the official AVMoE code: adds its rows (one per --precision, one shared model)")
+    parser.add_argument("--rows", nargs="+", metavar="NAME",
+                        help="time only these avmoe rows (e.g. '+fused Adam'); the official rows are kept")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, help="GPU peak for MFU (default: by GPU name)")
@@ -307,6 +311,11 @@ def run_benchmark(
     runner_for: Callable[[Row, dict], Callable[[], None]], train: bool,
 ) -> list[Result]:
     """Every batch size: one runner per row (plus ``official``), measured round robin, then the table."""
+    if args.rows:
+        unknown = set(args.rows) - {row.name for row in rows}
+        if unknown:
+            raise SystemExit(f"--rows: unknown row(s) {sorted(unknown)}; rows: {[row.name for row in rows]}")
+        rows = [row for row in rows if row.name in args.rows]
     results: list[Result] = []
     for clips in args.clips:
         batch = make_batch(task, clips, device)

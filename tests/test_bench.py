@@ -25,6 +25,14 @@ def test_train_step_benchmark_runs_tiny_on_cpu(tmp_path):
     assert json.loads(out.read_text())[0]["clips"] == 1
 
 
+def test_rows_option_times_only_the_named_rows():
+    results = inference.main(["--tiny", "--device", "cpu", "--clips", "1", "--precision", "32-true",
+                              "--warmup", "0", "--iters", "2", "--rows", "+factored token map"])
+    assert [r.name for r in results] == ["+factored token map"] and len(results[0].times) == 2
+    with pytest.raises(SystemExit, match="unknown row"):
+        inference.main(["--tiny", "--device", "cpu", "--rows", "+nothing"])
+
+
 def test_inference_benchmark_runs_tiny_on_cpu():
     results = inference.main(["--tiny", "--device", "cpu", "--clips", "1", "--precision", "32-true",
                               "--warmup", "0", "--iters", "1"])
