@@ -32,10 +32,13 @@ class TaskRouters(nn.Module):
         self.active: Optional[str] = None
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:  # (M, N, C), (M, N, C) -> (M, E)
+        return self.route(x.mean(1), y.mean(1))
+
+    def route(self, x_mean: Tensor, y_mean: Tensor) -> Tensor:  # (M, C), (M, C) token means -> (M, E)
         if self.active is None:
             raise RuntimeError(f"task routing: no active task (call set_active_task with one of "
                                f"{list(self.routers)})")
-        return self.routers[self.active](x, y)
+        return self.routers[self.active].route(x_mean, y_mean)
 
 
 def moe_adapters(module: nn.Module) -> list[MoEAdapter]:
