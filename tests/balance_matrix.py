@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from avmoe.callbacks import OGM, OGMGE, OPM, MMPareto, ModalityValuation, Relearning, StepSeeding
 from avmoe.callbacks._distributed import parameter_digest
-from tests.helpers import task_fit_args
+from tests.helpers import calm_gc, task_fit_args
 
 # Per split (limit_samples): training uses 1 batch per epoch (2 samples; DDP: 1 per rank); the feature passes of
 # valuation and D&R read all of them (DDP: 3 per rank and split). With 4, D&R's purities tie on AVVP (alpha 0).
@@ -191,6 +191,7 @@ def run_skip(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     spec = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(1)
+    calm_gc()
     results = run_skip(spec) if spec.get("kind") == "skip" else run_all(spec)
     rank = int(os.environ.get("LOCAL_RANK", 0))
     (Path(spec["root"]) / f"results_rank{rank}.json").write_text(json.dumps(results, indent=1))

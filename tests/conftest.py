@@ -29,6 +29,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=_cost_rank)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    helpers.calm_gc()  # after collection: every test module is imported
+
+
 @pytest.fixture(autouse=True)
 def _destroy_process_group():
     """A test that fails inside DDP must not leak its process group into the next one."""
