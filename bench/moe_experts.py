@@ -1,14 +1,16 @@
-"""Time one MoE adapter forward + backward at paper-scale shapes: experts one by one vs batched.
+"""Time one MoE adapter forward + backward at paper-scale shapes: experts one by one vs batched vs factored.
 
 Module level (no encoders): one :class:`~avmoe.models.moe.MoEAdapter` with a paper config's adapter settings, at
 the token counts and widths of the paper-scale model (Swin-V2-L/12 @192 + HTS-AT tiny, the same for every task),
 M frames (default 10 = one AVE clip), for each adapted stage and side (``a``: audio tokens reading the visual
 stream, ``v``: the reverse). ``plain`` = :meth:`MoEAdapter.forward` (experts one by one, the reference),
-``batched`` = :func:`avmoe.models.moe_batched.batched_moe_forward` (the ``backbone.fast`` path: the ``linear``
+``batched`` = :func:`avmoe.models.moe_batched.batched_moe_forward` with ``y`` materialised (the ``linear``
 unimodal experts share one LayerNorm and one down-projection GEMM; for configs without them it is the same
-computation as ``plain``). Both run on the same module and inputs, stepped in turn (round robin) ``--rounds``
-times after one warm-up; the median of each is reported, with the ratio of the minima (the rounds least disturbed
-by other processes); the outputs and gradients of the two are checked equal first.
+computation as ``plain``), ``factored`` = the same with the automatic factored read of ``y`` (the ``backbone.fast``
+default, ``models/moe_factored.py``; the same computation as ``batched`` where factoring does not pay: the
+``factors`` column). All run on the same module and inputs, stepped in turn (round robin) ``--rounds`` times
+after one warm-up; the median of each is reported, with the ratio of the minima (the rounds least disturbed by
+other processes); the outputs and gradients are checked equal to ``plain`` first.
 
     OMP_NUM_THREADS=1 python bench/moe_experts.py --threads 1
     python bench/moe_experts.py --threads 2 --configs ave avqa --rounds 9   # the configs with linear experts
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from functools import partial
 import sys
 from pathlib import Path
 from typing import Callable
@@ -30,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.*` importable
 from avmoe.models.config import AVMoEConfig  # noqa: E402
 from avmoe.models.moe import MoEAdapter  # noqa: E402
 from avmoe.models.moe_batched import batched_moe_forward  # noqa: E402
+from avmoe.models.moe_factored import factoring_pays  # noqa: E402
 from avmoe.models.presets import PAPER_CONFIGS, paper_config  # noqa: E402
 from bench.timing import round_robin  # noqa: E402
 
@@ -55,27 +59,31 @@ def runners(module: MoEAdapter, x: torch.Tensor, other: torch.Tensor) -> dict[st
     def make(fn: Callable) -> Callable[[], None]:
         def run() -> None:
             module.zero_grad(set_to_none=True)
+            x.grad = other.grad = None
             out, weights, lb = fn(module, x, other)
             torch.autograd.backward([out, weights.sum() + lb], [grad, None])
         return run
 
-    return {"plain": make(lambda m, a, b: m(a, b)), "batched": make(batched_moe_forward)}
+    return {"plain": make(lambda m, a, b: m(a, b)), "batched": make(partial(batched_moe_forward, factor=False)),
+            "factored": make(batched_moe_forward)}
 
 
 def check_equal(module: MoEAdapter, x: torch.Tensor, other: torch.Tensor) -> None:
     """Outputs, router weights and every gradient of the two computations (fp32, same module, eval-mode BN)."""
     module.eval()
     results = []
-    for fn in (lambda m, a, b: m(a, b), batched_moe_forward):
+    for fn in (lambda m, a, b: m(a, b), partial(batched_moe_forward, factor=False), batched_moe_forward):
         module.zero_grad(set_to_none=True)
         out, weights, _ = fn(module, x, other)
         out.square().mean().backward()
         results.append((out, weights, {n: p.grad.clone() for n, p in module.named_parameters()}))
-    (o1, w1, g1), (o2, w2, g2) = results
-    torch.testing.assert_close(o2, o1, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(w2, w1)
-    for name in g1:
-        torch.testing.assert_close(g2[name], g1[name], rtol=1e-3, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    (o1, w1, g1), *others = results
+    for o2, w2, g2 in others:
+        torch.testing.assert_close(o2, o1, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-6)
+        for name in g1:
+            torch.testing.assert_close(g2[name], g1[name], rtol=1e-3, atol=1e-6,
+                                       msg=lambda m, n=name: f"{n}: {m}")
     module.train()
 
 
@@ -88,12 +96,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2],
                         help="adapted stages to time (default: the AVE config's, 0 and 2)")
+    parser.add_argument("--input-grad", action=argparse.BooleanOptionalAction, default=True,
+                        help="backward also to x and the other modality (as after the first adapter position)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), M = {args.frames}, median of {args.rounds} rounds")
-    print("| config | stage | side | C | N | C' | N' | plain ms | batched ms | plain / batched "
-          "| min: plain / batched |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), M = {args.frames}, median of {args.rounds} rounds, "
+          f"input gradients {'on' if args.input_grad else 'off'}")
+    print("| config | stage | side | C | N | C' | N' | factors | plain ms | batched ms | factored ms "
+          "| plain / batched | plain / factored | min: plain / factored |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in args.configs:
         cfg = paper_config(name)
@@ -107,15 +118,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if pname.endswith("gate") or pname.endswith("gate_av"):
                         p.fill_(0.5)
             x, other = torch.randn(args.frames, tokens, dim), torch.randn(args.frames, otokens, odim)
+            if args.input_grad:  # as at every adapter position after the first: the encoders carry gradients
+                x.requires_grad_(True)
+                other.requires_grad_(True)
             check_equal(module, x, other)
             fns = runners(module, x, other)
             times = round_robin(fns, args.rounds)
             med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
             best = {k: min(v) for k, v in times.items()}  # least disturbed by other processes
             rows.append({"config": name, "stage": stage, "side": side, **med})
-            print(f"| {name} | {stage} | {side} | {dim} | {tokens} | {odim} | {otokens} | {med['plain']:.1f} "
-                  f"| {med['batched']:.1f} | {med['plain'] / med['batched']:.3f}x "
-                  f"| {best['plain'] / best['batched']:.3f}x |", flush=True)
+            print(f"| {name} | {stage} | {side} | {dim} | {tokens} | {odim} | {otokens} "
+                  f"| {'yes' if factoring_pays(module) else 'no'} | {med['plain']:.1f} | {med['batched']:.1f} "
+                  f"| {med['factored']:.1f} | {med['plain'] / med['batched']:.3f}x "
+                  f"| {med['plain'] / med['factored']:.3f}x | {best['plain'] / best['factored']:.3f}x |", flush=True)
     return rows
 
 
