@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bench import attention_kernel, inference, official, train_step
+from bench import attention_kernel, inference, moe_experts, official, train_step
 from tests.test_callbacks import imbalanced_release  # noqa: F401  (fixture)
 
 
@@ -90,3 +90,11 @@ def test_robustness_benchmark_evaluates_saved_models(tmp_path, imbalanced_releas
     assert (tmp_path / "runs" / "crmt_s0" / "metrics" / "crmt_bound_test.csv").is_file()
     assert [r["name"] for r in ablation["rows"]] == ["visual_only"]
     assert "CRMT (stage 1 + stage 2)" in body and "unimodal experts only" in body
+
+
+def test_moe_experts_benchmark_times_plain_batched_and_factored():
+    """One small paper-scale shape (AVQA, stage 2, 1 frame): the three computations are checked equal inside,
+    then timed; AVQA's 2 latents factor there."""
+    rows = moe_experts.main(["--configs", "avqa", "--stages", "2", "--frames", "1", "--rounds", "1"])
+    assert [(r["config"], r["stage"], r["side"]) for r in rows] == [("avqa", 2, "a"), ("avqa", 2, "v")]
+    assert all(r[k] > 0 for r in rows for k in ("plain", "batched", "factored"))
