@@ -13,7 +13,7 @@ So, with ``G = t0 A`` (T, C'):
 
     scores  y_m t0^T       = W (u_m G^T) + b (t0 r)^T + 1 (t0 c)^T        (the last term is constant over N:
                                                                             the softmax over N drops it)
-    summary att_m^T y_m    = A-widened (att_m^T W) u_m + (att_m^T b) r^T + c^T     (att columns sum to 1)
+    summary att_m^T y_m    = (att_m^T W) u_m A^T + (att_m^T b) r^T + 1 c^T      (att's columns sum to 1)
     mean    mean_N y_m     = (mean_N W) u_m A^T + mean(b) r + c
 
 The token mixing, the largest product of the adapter (N x N' per frame), then runs against 2T columns (scores,
