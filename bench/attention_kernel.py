@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as a script: make `bench.*` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from avmoe.models.backbones.windows import gemm_attention  # noqa: E402
-from bench.timing import round_robin  # noqa: E402
 from avmoe.models.config import AVMoEConfig  # noqa: E402
+from bench.timing import round_robin  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -38,6 +38,14 @@ from avmoe.models.presets import PAPER_CONFIGS, paper_config  # noqa: E402
 from bench.timing import round_robin  # noqa: E402
 
 
+# name -> fn(module, x, other): the computations compared (``plain`` is the reference the others must equal)
+COMPUTATIONS: dict[str, Callable] = {
+    "plain": lambda m, a, b: m(a, b),
+    "batched": partial(batched_moe_forward, factor=False),
+    "factored": batched_moe_forward,
+}
+
+
 def paper_shapes(cfg: AVMoEConfig) -> list[tuple[int, str, int, int, int, int]]:
     """(stage, side, dim, other_dim, tokens, other_tokens) of every adapted stage, from the config's encoder sizes
     (the grids halve per stage as in :func:`avmoe.models.backbones.swin.stage_grids`)."""
@@ -64,15 +72,14 @@ def runners(module: MoEAdapter, x: torch.Tensor, other: torch.Tensor) -> dict[st
             torch.autograd.backward([out, weights.sum() + lb], [grad, None])
         return run
 
-    return {"plain": make(lambda m, a, b: m(a, b)), "batched": make(partial(batched_moe_forward, factor=False)),
-            "factored": make(batched_moe_forward)}
+    return {name: make(fn) for name, fn in COMPUTATIONS.items()}
 
 
 def check_equal(module: MoEAdapter, x: torch.Tensor, other: torch.Tensor) -> None:
     """Outputs, router weights and every gradient of the two computations (fp32, same module, eval-mode BN)."""
     module.eval()
     results = []
-    for fn in (lambda m, a, b: m(a, b), partial(batched_moe_forward, factor=False), batched_moe_forward):
+    for fn in COMPUTATIONS.values():
         module.zero_grad(set_to_none=True)
         out, weights, _ = fn(module, x, other)
         out.square().mean().backward()
