@@ -147,4 +147,5 @@ class AVMoEConfig:
     blocks and the experts as they are (the reference the fast path is tested against)."""
     compile: bool = False
     """Regional ``torch.compile`` of the block types (window attention, Swin MLP half, MoE adapter), compiled once
-    per shape and reused across blocks; eager with a warning where unsupported. On in ``trainer/gpu.yaml``."""
+    per shape and reused across blocks; eager with a warning where unsupported. On in ``trainer/gpu.yaml``; off
+    on a CPU, where it measured slower than eager at paper scale (bench/BENCHMARKS.md)."""
