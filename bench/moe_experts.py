@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from functools import partial
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
