@@ -2,7 +2,8 @@
 
 Same protocol as ``bench/train_step.py`` (one process, one model, rows stepped round robin, median reported):
 ``plain`` (library attention blocks), ``+fast attention`` (``backbone.fast`` without its batched experts),
-``+batched experts``, ``+factored token map`` (the rest of ``backbone.fast``), ``+compile`` (regional
+``+batched experts``, ``+factored token map``, ``+oneDNN GEMM`` (the rest of ``backbone.fast``: the frozen
+encoders' GEMMs through oneDNN on a CPU), ``+compile`` (regional
 ``torch.compile``; default on CUDA, ``--compile`` on a CPU), per precision, and ``official`` (the official
 AVMoE AVE forward in eval mode under no_grad, from ``--official ROOT``; one row per precision).
 
@@ -35,9 +36,10 @@ def rows_for(args: argparse.Namespace, device: torch.device) -> list[Row]:
         tag = "" if precision == "32-true" else f" {precision}"
         rows += [Row("plain" + tag, precision=precision), Row("+fast attention" + tag, fast=True, precision=precision),
                  Row("+batched experts" + tag, fast=True, batched=True, precision=precision),
-                 Row("+factored token map" + tag, fast=True, batched=True, factored=True, precision=precision)]
+                 Row("+factored token map" + tag, fast=True, batched=True, factored=True, precision=precision),
+                 Row("+oneDNN GEMM" + tag, fast=True, batched=True, factored=True, onednn=True, precision=precision)]
         if compile_on:
-            rows.append(Row("+compile" + tag, fast=True, batched=True, factored=True, compile=True,
+            rows.append(Row("+compile" + tag, fast=True, batched=True, factored=True, onednn=True, compile=True,
                             precision=precision))
     return rows
 

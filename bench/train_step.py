@@ -5,9 +5,10 @@ rows are stepped in turn (round robin) so that load from other processes spreads
 step time is reported. Rows: ``plain`` (library attention blocks, experts one by one, for-loop Adam), ``+fast
 attention`` (fused window attention with cached frozen constants: ``backbone.fast`` without its batched experts),
 ``+batched experts`` (the ``linear`` unimodal experts of each MoE module share one LayerNorm and one
-down-projection GEMM, ``models/moe_batched.py``), ``+factored token map`` (the rest of ``backbone.fast``: the
-cross-modal experts read the mapped other modality without materialising it where that saves FLOPs,
-``models/moe_factored.py``), ``+fused Adam``, ``+compile`` (regional
+down-projection GEMM, ``models/moe_batched.py``), ``+factored token map`` (the cross-modal experts read the mapped
+other modality without materialising it where that saves FLOPs, ``models/moe_factored.py``), ``+fused Adam``,
+``+oneDNN GEMM`` (the rest of ``backbone.fast``: the frozen encoders' GEMMs through oneDNN on a CPU,
+``models/backbones/gemm.py``; the same as the row before on a GPU), ``+compile`` (regional
 ``torch.compile``: ``backbone.compile``; default on CUDA, ``--compile`` on a CPU), each precision in
 ``--precision``, and ``official`` (the official AVMoE AVE code from a local checkout, ``--official ROOT``; one row
 per precision, ``official bf16-mixed`` under ``torch.autocast``).
@@ -62,6 +63,7 @@ class Row:
     batched: bool = False
     factored: bool = False
     fused_adam: bool = False
+    onednn: bool = False
     compile: bool = False
     precision: str = "32-true"
 
@@ -112,12 +114,13 @@ def step(task: AVETask, opt: torch.optim.Optimizer, batch: dict, precision: str)
 
 
 def apply_row(task: AVETask, row: Row) -> None:
-    """Switch the backbone's fast path, batched experts and regional compilation to the row's setting (same
-    weights)."""
+    """Switch the backbone's fast path, batched experts, factored token map, oneDNN GEMMs and regional compilation
+    to the row's setting (same weights)."""
     backbone = task.backbone
     backbone.config.fast = row.fast
     backbone.batch_experts = row.batched
     backbone.factor_token_map = None if row.factored else False  # None: where it saves FLOPs (the default)
+    backbone.onednn_gemm = row.onednn
     for unit in backbone._compiled.values():
         unit.enabled = row.compile
 
@@ -132,10 +135,12 @@ def rows_for(args: argparse.Namespace, device: torch.device) -> list[Row]:
                  Row("+batched experts" + tag, fast=True, batched=True, precision=precision),
                  Row("+factored token map" + tag, fast=True, batched=True, factored=True, precision=precision),
                  Row("+fused Adam" + tag, fast=True, batched=True, factored=True, fused_adam=True,
+                     precision=precision),
+                 Row("+oneDNN GEMM" + tag, fast=True, batched=True, factored=True, fused_adam=True, onednn=True,
                      precision=precision)]
         if compile_on:
-            rows.append(Row("+compile" + tag, fast=True, batched=True, factored=True, fused_adam=True, compile=True,
-                            precision=precision))
+            rows.append(Row("+compile" + tag, fast=True, batched=True, factored=True, fused_adam=True, onednn=True,
+                            compile=True, precision=precision))
     return rows
 
 

@@ -17,9 +17,10 @@ def test_train_step_benchmark_runs_tiny_on_cpu(tmp_path):
     results = train_step.main(["--tiny", "--device", "cpu", "--clips", "1", "--precision", "32-true", "bf16-mixed",
                                "--warmup", "0", "--iters", "1", "--json", str(out)])
     assert [r.name for r in results] == ["plain", "+fast attention", "+batched experts", "+factored token map",
-                                         "+fused Adam", "plain bf16-mixed", "+fast attention bf16-mixed",
-                                         "+batched experts bf16-mixed", "+factored token map bf16-mixed",
-                                         "+fused Adam bf16-mixed"]
+                                         "+fused Adam", "+oneDNN GEMM", "plain bf16-mixed",
+                                         "+fast attention bf16-mixed", "+batched experts bf16-mixed",
+                                         "+factored token map bf16-mixed", "+fused Adam bf16-mixed",
+                                         "+oneDNN GEMM bf16-mixed"]
     assert all(r.frames_per_s > 0 and r.s_per_step > 0 and r.peak_gib > 0 for r in results)
     assert results[0].speedup == 1.0
     assert json.loads(out.read_text())[0]["clips"] == 1
@@ -36,7 +37,8 @@ def test_rows_option_times_only_the_named_rows():
 def test_inference_benchmark_runs_tiny_on_cpu():
     results = inference.main(["--tiny", "--device", "cpu", "--clips", "1", "--precision", "32-true",
                               "--warmup", "0", "--iters", "1"])
-    assert [r.name for r in results] == ["plain", "+fast attention", "+batched experts", "+factored token map"]
+    assert [r.name for r in results] == ["plain", "+fast attention", "+batched experts", "+factored token map",
+                                         "+oneDNN GEMM"]
     assert all(r.frames_per_s > 0 for r in results)
 
 

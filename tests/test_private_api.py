@@ -155,3 +155,31 @@ def test_cluster_environment_fallback() -> None:
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     assert getattr(trainer.strategy, "cluster_environment", None) is None  # single device: only the private one
     assert isinstance(api.cluster_environment(trainer), LightningEnvironment)
+
+
+def test_onednn_linear_operator_and_behaviour() -> None:
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    assert op is not None, "torch.ops.mkldnn._linear_pointwise is gone: models/backbones/gemm.py needs a new route"
+    args = [a.name for a in op.default._schema.arguments]
+    assert args == ["X", "W", "B", "attr", "scalars", "algorithm"], f"_linear_pointwise changed signature: {args}"
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, 7, 24, generator=g), torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+    torch.testing.assert_close(api.onednn_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    grad = torch.randn(2, 5, 7, 16, generator=g)  # the backward product: a strided (transposed) weight, no bias
+    torch.testing.assert_close(api.onednn_linear(grad, w.t(), None), grad @ w)
+
+
+def test_library_mlp_members(swin: Swinv2Model) -> None:
+    cfg = ClapAudioConfig(spec_size=64, num_mel_bins=16, patch_embeds_hidden_size=8, depths=[1, 1],
+                          num_attention_heads=[1, 2], window_size=4, patch_stride=[4, 4], enable_fusion=False)
+    layers = {"Swinv2Layer": swin.encoder.layers[0].blocks[0],
+              "ClapAudioLayer": ClapAudioModel(cfg).eval().audio_encoder.layers[0].blocks[0]}
+    for kind, layer in layers.items():
+        for part, members in api.MLP_MEMBERS.items():
+            absent = [m for m in members if not hasattr(getattr(layer, part), m)]
+            assert not absent, f"{kind}.{part} lacks {absent}"
+        x = torch.randn(2, 6, layer.intermediate.dense.in_features)
+        inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+        expected = layer.output.dropout(layer.output.dense(inner))
+        # the fast path's re-step of the MLP must be what the modules' own forwards compute (eval: no dropout)
+        torch.testing.assert_close(layer.output(layer.intermediate(x)), expected)

@@ -1,4 +1,4 @@
-"""Every private or internal Lightning / transformers API avmoe relies on, in one place, with the reason.
+"""Every private or internal Lightning / transformers / torch API avmoe relies on, in one place, with the reason.
 
 Nothing public does these jobs; each entry says why. ``tests/test_private_api.py`` checks each one against the
 installed versions (names, signatures, behaviour) and fails with a message naming what changed, so a new
@@ -19,6 +19,13 @@ transformers (``models/backbones/swin.py``, ``models/backbones/htsat.py``):
   ``get_attn_mask``: the first half of a Swin-V2 block is re-stepped (attention without the MLP) so an adapter can
   sit between the two halves; calling the library's own helpers keeps the result bit-identical to
   ``Swinv2Layer.forward``.
+
+torch (helper below):
+
+- ``torch.ops.mkldnn._linear_pointwise`` (``onednn_linear``, used by ``models/backbones/gemm.py``): oneDNN's fp32
+  linear, the kernel ``torch.compile`` emits for frozen CPU weights. Eager ``F.linear`` on a CPU always calls the
+  BLAS ``sgemm``, which ran the frozen encoders' products 8-26 % slower on the benchmark CPU; no public eager API
+  reaches oneDNN's fp32 matmul (``torch.backends.mkldnn.matmul.fp32_precision`` only lowers the precision).
 
 Lightning (helpers below):
 
@@ -41,6 +48,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import torch
+
 # name -> (module, reason): the transformers internals, imported on first use.
 TRANSFORMERS_INTERNALS: dict[str, tuple[str, str]] = {
     "Swinv2Layer": ("transformers.models.swinv2.modeling_swinv2", "one Swin-V2 block, stepped between adapters"),
@@ -56,8 +65,13 @@ SWINV2_LAYER_MEMBERS = ("maybe_pad", "get_attn_mask", "window_size", "shift_size
 LIGHTNING_CLI_INTERNALS = ("_instantiate_trainer", "_parse_ckpt_path", "_subcommand_parsers")
 CLAP_AUDIO_ENCODER_MEMBERS = ("batch_norm", "reshape_mel2img", "patch_embed", "input_resolutions", "layers", "norm")
 
-__all__ = ["CLAP_AUDIO_ENCODER_MEMBERS", "LIGHTNING_CLI_INTERNALS", "SWINV2_LAYER_MEMBERS", "TRANSFORMERS_INTERNALS",
-           "cluster_environment", "drop_cached_train_loader", "uses_distributed_sampler", *TRANSFORMERS_INTERNALS]
+# The library MLP submodules the fast path calls by attribute (Swinv2Intermediate / ClapAudioIntermediate, and the
+# *Output classes): its frozen GEMMs run through ``models/backbones/gemm.py`` instead of the modules' ``forward``.
+MLP_MEMBERS = {"intermediate": ("dense", "intermediate_act_fn"), "output": ("dense", "dropout")}
+
+__all__ = ["CLAP_AUDIO_ENCODER_MEMBERS", "LIGHTNING_CLI_INTERNALS", "MLP_MEMBERS", "SWINV2_LAYER_MEMBERS",
+           "TRANSFORMERS_INTERNALS", "cluster_environment", "drop_cached_train_loader", "onednn_linear",
+           "uses_distributed_sampler", *TRANSFORMERS_INTERNALS]
 
 
 def __getattr__(name: str) -> Any:
@@ -67,6 +81,17 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value  # resolved once
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------- torch
+def onednn_linear(x: Any, weight: Any, bias: Any) -> Any:
+    """``F.linear(x, weight, bias)`` (fp32, CPU) computed by oneDNN; x (..., K), weight (N, K), possibly strided.
+
+    Private: ``torch.ops.mkldnn._linear_pointwise(X, W, B, attr, scalars, algorithm)`` with no fused post-op
+    (``attr="none"``). It is the operator torch's compiler uses for frozen CPU linears (2.x); eager torch has no
+    public route to oneDNN's fp32 matmul.
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 # ------------------------------------------------------------------------------------------------- Lightning

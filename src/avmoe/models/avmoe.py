@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .backbones import htsat, swin
+from .backbones import gemm, htsat, swin
 from .backbones.windows import FrozenCache
 from .compile import RegionalCompile
 from .config import AVMoEConfig
@@ -99,6 +99,9 @@ class AVMoEBackbone(nn.Module):
         # Part of the batched experts: the cross-modal experts read the mapped other modality in factored form
         # (models/moe_factored.py); None = where it costs fewer FLOPs, True/False force it (bench, tests).
         self.factor_token_map: Optional[bool] = None
+        # Part of the fast path: the frozen encoders' GEMMs through oneDNN on a CPU (models/backbones/gemm.py);
+        # False: torch's default BLAS for them (bench rows, tests).
+        self.onednn_gemm = True
         self.train(self.training)
 
     # ----------------------------------------------------------------------------------------------- construction
@@ -290,10 +293,13 @@ class AVMoEBackbone(nn.Module):
     def _attn_half(self, vblk: nn.Module, fv: Tensor, hw: Grid) -> Tensor:
         if not self.config.fast:
             return swin.attn_half(vblk, fv, hw)
-        return swin.attn_half_fast(vblk, fv, hw, self._frozen_cache, self._compiled["swin.window_core"])
+        return swin.attn_half_fast(vblk, fv, hw, self._frozen_cache, self._compiled["swin.window_core"],
+                                   gemm.choose(self.onednn_gemm))
 
     def _mlp_half(self, vblk: nn.Module, fv: Tensor) -> Tensor:
-        return self._compiled["swin.mlp_half"](vblk, fv) if self.config.fast else swin.mlp_half(vblk, fv)
+        if not self.config.fast:
+            return swin.mlp_half(vblk, fv)
+        return self._compiled["swin.mlp_half"](vblk, fv, gemm.choose(self.onednn_gemm))
 
     def _visual_block(self, vblk: nn.Module, fv: Tensor, hw: Grid) -> Tensor:
         if not self.config.fast:
@@ -303,7 +309,8 @@ class AVMoEBackbone(nn.Module):
     def _audio_block(self, ablk: nn.Module, fa: Tensor, hw: Grid) -> Tensor:
         if not self.config.fast:
             return htsat.block(ablk, fa, hw)
-        return htsat.block_fast(ablk, fa, hw, self._frozen_cache, self._compiled["htsat.window_core"])
+        return htsat.block_fast(ablk, fa, hw, self._frozen_cache, self._compiled["htsat.window_core"],
+                                gemm.choose(self.onednn_gemm))
 
     def _moe(self, module: MoEAdapter, x: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.config.fast and self.batch_experts:

@@ -142,9 +142,11 @@ class AVMoEConfig:
     """Fused window attention (``scaled_dot_product_attention``) with the frozen position bias, shift mask and
     q/k/v weights cached once per block, and the ``linear`` unimodal experts of each MoE module sharing one
     LayerNorm and one down-projection GEMM (``models/moe_batched.py``), and the cross-modal experts reading the
-    mapped other modality in factored form where that takes fewer FLOPs (``models/moe_factored.py``); equal to
-    the library forward and the experts one by one up to float rounding, same parameters. False: the library
-    blocks and the experts as they are (the reference the fast path is tested against)."""
+    mapped other modality in factored form where that takes fewer FLOPs (``models/moe_factored.py``), and on a
+    CPU in fp32 the frozen encoders' GEMMs through oneDNN instead of the default BLAS
+    (``models/backbones/gemm.py``); equal to the library forward and the experts one by one up to float rounding,
+    same parameters. False: the library blocks and the experts as they are (the reference the fast path is
+    tested against)."""
     compile: bool = False
     """Regional ``torch.compile`` of the block types (window attention, Swin MLP half, MoE adapter), compiled once
     per shape and reused across blocks; eager with a warning where unsupported. On in ``trainer/gpu.yaml``; off

@@ -22,12 +22,14 @@ import warnings
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import ClapAudioConfig, ClapAudioModel, ClapModel
 
 from avmoe._private_api import ClapAudioLayer, ClapAudioStage  # transformers internals: see there
 
 from ..config import AudioEncoderConfig
+from .gemm import Linear, mlp
 from .windows import FrozenCache, combine_mask, frozen, fused_qkv, mask_dtype, shifted_window_attention, tensor_key
 
 Grid = tuple[int, int]
@@ -189,7 +191,8 @@ def attention_mask(layer: ClapAudioLayer, padded: Grid, dtype: torch.dtype, devi
     return combine_mask(relative_bias(layer).float(), shift_mask, 1).to(dtype)
 
 
-def block_fast(layer: ClapAudioLayer, x: Tensor, hw: Grid, cache: FrozenCache, core: Callable[..., Tensor] | None = None) -> Tensor:
+def block_fast(layer: ClapAudioLayer, x: Tensor, hw: Grid, cache: FrozenCache, core: Callable[..., Tensor] | None = None,
+               linear: Linear = F.linear) -> Tensor:
     """:func:`block` through fused window attention; frozen constants (mask, fused q/k/v) from ``cache``.
 
     x: (M, N, C). Same window/shift clamping as the library call (``set_shift_and_window_size``), same residual
@@ -221,10 +224,10 @@ def block_fast(layer: ClapAudioLayer, x: Tensor, hw: Grid, cache: FrozenCache, c
     dropout_p = attn.dropout.p if attn.training else 0.0
     out = (core or window_core)(
         layer.layernorm_before(x), hw, win, shift, attn.num_attention_heads, weight, bias, mask, dense.weight,
-        dense.bias, None, attn.attention_head_size**-0.5, dropout_p,
+        dense.bias, None, attn.attention_head_size**-0.5, dropout_p, linear,
     )
     h = x + layer.drop_path(layer.attention.output.dropout(out))
-    return h + layer.output(layer.intermediate(layer.layernorm_after(h)))
+    return h + mlp(layer, layer.layernorm_after(h), linear)
 
 
 def downsample(stage: ClapAudioStage, x: Tensor, hw: Grid) -> tuple[Tensor, Grid]:

@@ -13,12 +13,14 @@ import warnings
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import Swinv2Config, Swinv2Model
 
 from avmoe._private_api import Swinv2Layer, Swinv2Stage, window_partition, window_reverse  # internals: see there
 
 from ..config import VisualEncoderConfig
+from .gemm import Linear, mlp
 from .windows import FrozenCache, combine_mask, frozen, fused_qkv, mask_dtype, shifted_window_attention, tensor_key
 
 Grid = tuple[int, int]
@@ -140,11 +142,12 @@ def attention_mask(layer: Swinv2Layer, padded: Grid, dtype: torch.dtype, device:
     return combine_mask(position_bias(layer).float(), shift_mask, 2).to(dtype)
 
 
-def attn_half_fast(layer: Swinv2Layer, x: Tensor, hw: Grid, cache: FrozenCache, core: Callable[..., Tensor] | None = None) -> Tensor:
+def attn_half_fast(layer: Swinv2Layer, x: Tensor, hw: Grid, cache: FrozenCache, core: Callable[..., Tensor] | None = None,
+                   linear: Linear = F.linear) -> Tensor:
     """:func:`attn_half` through fused window attention; frozen constants (mask, fused q/k/v) from ``cache``.
 
     x: (M, H*W, C). Equal to :func:`attn_half` up to float rounding; trainable encoders rebuild the constants
-    every call (with their graph).
+    every call (with their graph). ``linear``: the GEMM of the q/k/v and output projections.
     """
     attn, win, shift = layer.attention.self, layer.window_size, layer.shift_size
     padded = (-(-hw[0] // win) * win, -(-hw[1] // win) * win)
@@ -172,15 +175,19 @@ def attn_half_fast(layer: Swinv2Layer, x: Tensor, hw: Grid, cache: FrozenCache, 
     dropout_p = attn.dropout.p if attn.training else 0.0
     out = (core or window_core)(
         x, hw, win, shift, attn.num_attention_heads, weight, bias, mask, dense.weight, dense.bias,
-        scale, 1.0, dropout_p,
+        scale, 1.0, dropout_p, linear,
     )
     out = layer.attention.output.dropout(out)
     return x + layer.drop_path(layer.layernorm_before(out))
 
 
-def mlp_half(layer: Swinv2Layer, x: Tensor) -> Tensor:
-    """Second half of ``Swinv2Layer.forward``: ``x + drop_path(layernorm_after(MLP(x)))``. x: (M, N, C)."""
-    return x + layer.drop_path(layer.layernorm_after(layer.output(layer.intermediate(x))))
+def mlp_half(layer: Swinv2Layer, x: Tensor, linear: Linear | None = None) -> Tensor:
+    """Second half of ``Swinv2Layer.forward``: ``x + drop_path(layernorm_after(MLP(x)))``. x: (M, N, C).
+
+    ``linear`` None: the library's MLP modules; else their two GEMMs through ``linear`` (:func:`mlp`).
+    """
+    hidden = layer.output(layer.intermediate(x)) if linear is None else mlp(layer, x, linear)
+    return x + layer.drop_path(layer.layernorm_after(hidden))
 
 
 def block(layer: Swinv2Layer, x: Tensor, hw: Grid) -> Tensor:

@@ -105,6 +105,7 @@ def shifted_window_attention(
     q_scale: Optional[Tensor],
     sdpa_scale: float,
     dropout_p: float = 0.0,
+    linear: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor] = F.linear,
 ) -> Tensor:
     """Window MSA of tokens x (M, H*W, C) on grid ``hw``, output projection included: -> (M, H*W, C).
 
@@ -112,6 +113,7 @@ def shifted_window_attention(
     :func:`combine_mask`).
     ``q_scale`` (heads, 1, 1): cosine attention (Swin-V2): q and k are L2-normalised and q is scaled per head;
     None: plain dot products scaled by ``sdpa_scale`` (Swin-V1 / HTS-AT).
+    ``linear``: the GEMM of the two projections (``models/backbones/gemm.py`` for frozen weights).
     """
     m, _, c = x.shape
     h, w = hw
@@ -122,7 +124,7 @@ def shifted_window_attention(
         grid = F.pad(grid, (0, 0, 0, wp - w, 0, hp - h))
     if shift > 0:
         grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
-    qkv = F.linear(grid, qkv_weight, qkv_bias)  # (M, Hp, Wp, 3C)
+    qkv = linear(grid, qkv_weight, qkv_bias)  # (M, Hp, Wp, 3C)
     qkv = qkv.view(m, nh, win, nw, win, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)  # (3, M, nh, nw, heads, win, win, d)
     qkv = qkv.reshape(3, m * nh * nw, heads, length, d)  # the one copy in
     q, k, v = qkv.unbind(0)  # (M*nW, heads, L, d)
@@ -137,7 +139,7 @@ def shifted_window_attention(
         out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
     if hp != h or wp != w:
         out = out[:, :h, :w, :]
-    return F.linear(out.reshape(m, h * w, c), out_weight, out_bias)
+    return linear(out.reshape(m, h * w, c), out_weight, out_bias)
 
 
 def window_softmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float, scale: float) -> Tensor:
