@@ -26,6 +26,8 @@ torch (helper below):
   linear, the kernel ``torch.compile`` emits for frozen CPU weights. Eager ``F.linear`` on a CPU always calls the
   BLAS ``sgemm``, which ran the frozen encoders' products 8-26 % slower on the benchmark CPU; no public eager API
   reaches oneDNN's fp32 matmul (``torch.backends.mkldnn.matmul.fp32_precision`` only lowers the precision).
+  Its erf-GELU post-op is used where no gradient is needed, for MLPs whose activation is transformers'
+  ``GELUActivation`` around ``F.gelu`` (``is_exact_gelu`` reads ``GELUActivation.act``).
 
 Lightning (helpers below):
 
@@ -70,8 +72,8 @@ CLAP_AUDIO_ENCODER_MEMBERS = ("batch_norm", "reshape_mel2img", "patch_embed", "i
 MLP_MEMBERS = {"intermediate": ("dense", "intermediate_act_fn"), "output": ("dense", "dropout")}
 
 __all__ = ["CLAP_AUDIO_ENCODER_MEMBERS", "LIGHTNING_CLI_INTERNALS", "MLP_MEMBERS", "SWINV2_LAYER_MEMBERS",
-           "TRANSFORMERS_INTERNALS", "cluster_environment", "drop_cached_train_loader", "onednn_linear",
-           "uses_distributed_sampler", *TRANSFORMERS_INTERNALS]
+           "TRANSFORMERS_INTERNALS", "cluster_environment", "drop_cached_train_loader", "is_exact_gelu",
+           "onednn_linear", "uses_distributed_sampler", *TRANSFORMERS_INTERNALS]
 
 
 def __getattr__(name: str) -> Any:
@@ -84,14 +86,28 @@ def __getattr__(name: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------- torch
-def onednn_linear(x: Any, weight: Any, bias: Any) -> Any:
-    """``F.linear(x, weight, bias)`` (fp32, CPU) computed by oneDNN; x (..., K), weight (N, K), possibly strided.
+def onednn_linear(x: Any, weight: Any, bias: Any, gelu: bool = False) -> Any:
+    """``F.linear(x, weight, bias)`` (fp32, CPU) computed by oneDNN, followed by the exact (erf) GELU when
+    ``gelu``; x (..., K), weight (N, K), possibly strided.
 
-    Private: ``torch.ops.mkldnn._linear_pointwise(X, W, B, attr, scalars, algorithm)`` with no fused post-op
-    (``attr="none"``). It is the operator torch's compiler uses for frozen CPU linears (2.x); eager torch has no
-    public route to oneDNN's fp32 matmul.
+    Private: ``torch.ops.mkldnn._linear_pointwise(X, W, B, attr, scalars, algorithm)``, with no fused post-op
+    (``attr="none"``) or the erf GELU (``attr="gelu"``, ``algorithm="none"``). It is the operator torch's compiler
+    uses for frozen CPU linears (2.x); eager torch has no public route to oneDNN's fp32 matmul.
     """
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def is_exact_gelu(act: Any) -> bool:
+    """Whether a transformers activation module is ``F.gelu`` with its default erf form (``ACT2FN["gelu"]``).
+
+    Internal: ``transformers.activations.GELUActivation.act``, the function its ``forward`` calls. The fast path
+    fuses the activation into the oneDNN GEMM only when it is this one.
+    """
+    from transformers.activations import GELUActivation  # on first use: importing this module stays light
+
+    return type(act) is GELUActivation and getattr(act, "act", None) is torch.nn.functional.gelu
 
 
 # ------------------------------------------------------------------------------------------------- Lightning

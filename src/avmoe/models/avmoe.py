@@ -99,8 +99,8 @@ class AVMoEBackbone(nn.Module):
         # Part of the batched experts: the cross-modal experts read the mapped other modality in factored form
         # (models/moe_factored.py); None = where it costs fewer FLOPs, True/False force it (bench, tests).
         self.factor_token_map: Optional[bool] = None
-        # Part of the fast path: the frozen encoders' GEMMs through oneDNN on a CPU (models/backbones/gemm.py);
-        # False: torch's default BLAS for them (bench rows, tests).
+        # Part of the fast path: the frozen encoders' GEMMs (and, with no gradient wanted, the factored token
+        # mixing) through oneDNN on a CPU (models/backbones/gemm.py); False: torch's default BLAS (bench, tests).
         self.onednn_gemm = True
         self.train(self.training)
 
@@ -314,7 +314,7 @@ class AVMoEBackbone(nn.Module):
 
     def _moe(self, module: MoEAdapter, x: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.config.fast and self.batch_experts:
-            return self._compiled["moe_adapter.batched"](module, x, other, self.factor_token_map)
+            return self._compiled["moe_adapter.batched"](module, x, other, self.factor_token_map, self.onednn_gemm)
         return self._compiled["moe_adapter"](module, x, other)
 
     def _paired_block(

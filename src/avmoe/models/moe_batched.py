@@ -24,20 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backbones import gemm
 from .moe import CrossModalExpert, MoEAdapter, load_balance_loss
-from .moe_factored import factored_reads, factoring_pays
+from .moe_factored import MatMul, factored_reads, factoring_pays
 
 
 def batched_moe_forward(
-    module: MoEAdapter, x: Tensor, other: Tensor, factor: Optional[bool] = None
+    module: MoEAdapter, x: Tensor, other: Tensor, factor: Optional[bool] = None, onednn: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:meth:`MoEAdapter.forward` with the shared-input experts batched: ``(out (M, N, C), weights (M, E), lb)``.
 
     ``factor``: read the mapped other modality without materialising it (``models/moe_factored.py``); None =
-    where that costs fewer FLOPs (:func:`~avmoe.models.moe_factored.factoring_pays`).
+    where that costs fewer FLOPs (:func:`~avmoe.models.moe_factored.factoring_pays`). ``onednn``: the factored
+    read's token-mixing products through oneDNN where no gradient is wanted (``models/backbones/gemm.py``).
     """
     experts = list(module.experts)
-    mean, y, summaries = _mapped(module, experts, other, factoring_pays(module) if factor is None else factor)
+    factor = factoring_pays(module) if factor is None else factor
+    mean, y, summaries = _mapped(module, experts, other, factor, gemm.mm if onednn else torch.mm)
     weights = module.router.route(x.mean(1), mean)  # (M, E)
     down = _shared_down(experts, x)
     out: Optional[Tensor] = None
@@ -57,14 +60,16 @@ def batched_moe_forward(
     return out, weights, load_balance_loss(weights)  # type: ignore[return-value]
 
 
-def _mapped(module: MoEAdapter, experts: list, other: Tensor, factor: bool) -> tuple[Tensor, Optional[Tensor], dict]:
+def _mapped(
+    module: MoEAdapter, experts: list, other: Tensor, factor: bool, mm: MatMul
+) -> tuple[Tensor, Optional[Tensor], dict]:
     """``(mean_N y (M, C), y (M, N, C) or None, {e: t_e (M, T, C)})`` for ``y = token_map(other)``: materialised,
     or (``factor``) read by the cross-modal experts' latent tokens through its factored form only."""
     cross = [e for e, expert in enumerate(experts) if isinstance(expert, CrossModalExpert)] if factor else []
     if not cross:
         y = module.token_map(other)
         return y.mean(1), y, {}
-    mean, summaries = factored_reads(module.token_map, [experts[e].fusion.tokens for e in cross], other)
+    mean, summaries = factored_reads(module.token_map, [experts[e].fusion.tokens for e in cross], other, mm)
     return mean, None, dict(zip(cross, summaries))
 
 

@@ -24,11 +24,15 @@ of a module share the products (their latent tokens stacked as columns).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .moe import CrossModalExpert, MoEAdapter, TokenMapping
+
+MatMul = Callable[[Tensor, Tensor], Tensor]
 
 
 def factoring_pays(module: MoEAdapter) -> bool:
@@ -38,9 +42,12 @@ def factoring_pays(module: MoEAdapter) -> bool:
     return latents > 0 and 2 * latents < min(fc.in_features, fc.out_features)
 
 
-def factored_reads(token_map: TokenMapping, latents: list[Tensor], other: Tensor) -> tuple[Tensor, list[Tensor]]:
+def factored_reads(
+    token_map: TokenMapping, latents: list[Tensor], other: Tensor, mm: MatMul = torch.mm
+) -> tuple[Tensor, list[Tensor]]:
     """``(mean_N y (M, C), [t_e (M, T_e, C)])`` for ``y = token_map(other)`` and latent tokens ``latents[e]``
-    (T_e, C), equal to ``(y.mean(1), [LatentTokens.summarise(y)])`` without ``y``. other: (M, N', C')."""
+    (T_e, C), equal to ``(y.mean(1), [LatentTokens.summarise(y)])`` without ``y``. other: (M, N', C').
+    ``mm``: the GEMM of the two N x N' token-mixing products (``torch.mm`` or ``backbones.gemm.mm``)."""
     w, b = token_map.token_weight, token_map.token_bias  # (N, N'), (N,)
     a, c = token_map.fc.weight, token_map.fc.bias  # (C, C'), (C,)
     m, n_src, _ = other.shape
@@ -51,12 +58,13 @@ def factored_reads(token_map: TokenMapping, latents: list[Tensor], other: Tensor
     v = torch.matmul(other, (t0 @ a).t())  # (M, N', T)
     # Token-major (N', M*T): the N x N' mixing is one GEMM for all frames; the copy is T wide, not C'.
     v = v.transpose(0, 1).reshape(n_src, m * cols)
-    scores = torch.mm(w, v).view(n, m, cols) + (b[:, None] * (t0 @ r))[:, None, :]  # (N, M, T)
+    scores = mm(w, v).view(n, m, cols) + (b[:, None] * (t0 @ r))[:, None, :]  # (N, M, T)
     att = scores.softmax(dim=0)  # over the N mapped tokens, per frame and latent
-    # att^T W for every frame and latent, plus one column of 1/N whose product is mean_N W (for the router):
-    # ``w.mean(0)`` instead would materialise an N x N' gradient in its backward.
-    lhs = torch.cat([att.view(n, m * cols), att.new_full((n, 1), 1.0 / n)], dim=1)  # (N, M*T + 1)
-    prod = torch.mm(lhs.t(), w)  # (M*T + 1, N')
+    # att^T W for every frame and latent, plus one row of 1/N whose product is mean_N W (for the router):
+    # ``w.mean(0)`` instead would materialise an N x N' gradient in its backward. The left operand is laid out
+    # row-major (a copy M*T+1 wide): both GEMM libraries ran this product slower with a transposed one.
+    lhs = torch.cat([att.view(n, m * cols).t(), att.new_full((1, n), 1.0 / n)], dim=0)  # (M*T + 1, N)
+    prod = mm(lhs, w)  # (M*T + 1, N')
     mixed, w_mean = prod[:-1].view(m, cols, n_src), prod[-1]  # (M, T, N'), (N',)
     pooled = torch.bmm(mixed, other)  # (M, T, C')
     bias_read = torch.einsum("nmt,n->mt", att, b)  # (M, T): att^T b

@@ -1,16 +1,16 @@
-"""The GEMM of a frozen encoder weight on a CPU: oneDNN's fp32 matmul instead of torch's BLAS default.
+"""The GEMMs of the fast path on a CPU: oneDNN's fp32 matmul instead of torch's BLAS default, where it is the same.
 
-On a CPU torch's fp32 ``F.linear`` calls MKL's ``sgemm``. oneDNN (shipped inside torch) computes the same fp32
-product, with no reduced precision, and on the benchmark machine (2-core AMD EPYC, AVX-512) it ran the frozen
-encoders' products 8-26 % faster (M = 720-11520 tokens, K and N = 768-12288; bench/BENCHMARKS.md). torch reaches
-oneDNN's linear only through the operator its own compiler emits for frozen CPU weights,
+On a CPU torch's fp32 ``F.linear`` / ``torch.mm`` call MKL's ``sgemm``. oneDNN (shipped inside torch) computes the
+same fp32 product, with no reduced precision, and on the benchmark machine (2-core AMD EPYC, AVX-512) it ran the
+frozen encoders' products 8-26 % faster (M = 720-11520 tokens, K and N = 768-12288; bench/BENCHMARKS.md). torch
+reaches oneDNN's linear only through the operator its own compiler emits for frozen CPU weights,
 ``torch.ops.mkldnn._linear_pointwise`` (listed, with the reason, in :mod:`avmoe._private_api`).
 
-:func:`frozen_linear` takes that kernel only where it computes what ``F.linear`` would: a CPU, fp32 operands,
-no CPU autocast (which would make ``F.linear`` a bf16 product), weight and bias not requiring grad (so the only
-gradient is the input's, ``grad @ W``, through the same kernel), outside ``torch.compile`` (which picks its own
-kernels), oneDNN built and not switched off (``torch.backends.mkldnn.flags(enabled=False)``). Anything else is
-plain ``F.linear``.
+oneDNN is taken only where it computes what the plain call would: a CPU, fp32 operands, no CPU autocast (which
+would make the product bf16), outside ``torch.compile`` (which picks its own kernels), oneDNN built and not
+switched off (``torch.backends.mkldnn.flags(enabled=False)``), and no gradient wanted for the weight. With a
+gradient for the input only (frozen weights in training), backward is ``grad @ W`` through the same kernel.
+Anything else is the plain call.
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from avmoe._private_api import onednn_linear
+from avmoe._private_api import is_exact_gelu, onednn_linear
 
 Linear = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
+
+
+def _wants_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def onednn_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether ``frozen_linear(x, weight, bias)`` runs through oneDNN (else it is ``F.linear``)."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not weight.requires_grad and (bias is None or (not bias.requires_grad and bias.dtype == x.dtype))
+            and (bias is None or bias.dtype == x.dtype) and not _wants_grad(weight, bias)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
@@ -55,9 +59,19 @@ class _FrozenLinear(torch.autograd.Function):
 
 def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN where :func:`onednn_applies`. x (..., K), weight (N, K)."""
-    if onednn_applies(x, weight, bias):
+    if not onednn_applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if _wants_grad(x):
         return _FrozenLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return onednn_linear(x, weight, bias)  # no graph to record: skip the autograd.Function's bookkeeping
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.mm(a, b)``, through oneDNN where no gradient is wanted and a's rows are contiguous (oneDNN ran a
+    transposed ``a`` about 2x slower than the BLAS on this machine). a (M, K), b (K, N)."""
+    if a.stride(-1) == 1 and not _wants_grad(a) and onednn_applies(a, b, None):
+        return onednn_linear(a, b.t(), None)
+    return torch.mm(a, b)
 
 
 def choose(onednn: bool) -> Linear:
@@ -68,7 +82,12 @@ def choose(onednn: bool) -> Linear:
 def mlp(layer: Any, x: Tensor, linear: Linear) -> Tensor:
     """``layer.output(layer.intermediate(x))`` of a Swin-V2 or HTS-AT block with both GEMMs through ``linear``:
     dense -> activation -> dense -> dropout, as ``Swinv2Intermediate`` / ``Swinv2Output`` and their Clap twins
-    (members listed in ``avmoe._private_api.MLP_MEMBERS``). x: (M, N, C) -> (M, N, C)."""
+    (members listed in ``avmoe._private_api.MLP_MEMBERS``). With :func:`frozen_linear` and no gradient wanted, an
+    exact GELU runs inside the first GEMM (oneDNN post-op). x: (M, N, C) -> (M, N, C)."""
     inner, outer = layer.intermediate, layer.output
-    hidden = inner.intermediate_act_fn(linear(x, inner.dense.weight, inner.dense.bias))  # (M, N, 4C)
+    act, weight, bias = inner.intermediate_act_fn, inner.dense.weight, inner.dense.bias
+    if linear is frozen_linear and not _wants_grad(x) and onednn_applies(x, weight, bias) and is_exact_gelu(act):
+        hidden = onednn_linear(x, weight, bias, gelu=True)  # (M, N, 4C)
+    else:
+        hidden = act(linear(x, weight, bias))  # (M, N, 4C)
     return outer.dropout(linear(hidden, outer.dense.weight, outer.dense.bias))
