@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bench import attention_kernel, inference, moe_experts, official, train_step
+from bench import attention_kernel, gemm_kernels, inference, moe_experts, official, train_step
 from tests.test_callbacks import imbalanced_release  # noqa: F401  (fixture)
 
 
@@ -51,6 +51,21 @@ def test_attention_kernel_benchmark_uses_the_encoders_window_shapes():
     assert shapes[4] == ("htsat", 0, 2 * 64, 4, 64, 24) and shapes[7] == ("htsat", 3, 2, 32, 64, 24)
     for kind in ("fused", "gemm"):  # both kernels run forward + backward at a real shape
         attention_kernel.runner(kind, shapes[3][2:], torch.bfloat16)()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_gemm_kernel_benchmark_uses_the_encoders_linear_shapes():
+    from avmoe.models.config import AVMoEConfig
+
+    shapes = gemm_kernels.products(AVMoEConfig(), frames=2)
+    # Swin-V2-L: 48x48 tokens of width 192 at stage 0; HTS-AT: 64x64 of width 96; 4 products per stage
+    assert shapes[0] == ("swin", 0, "q/k/v", 2 * 48 * 48, 192, 576) and len(shapes) == 2 * 4 * 4
+    assert shapes[11] == ("swin", 2, "mlp out", 2 * 12 * 12, 3072, 768)
+    assert shapes[16] == ("htsat", 0, "q/k/v", 2 * 64 * 64, 96, 288)
+    runs = gemm_kernels.runners(6, 8, 4)
+    assert set(runs) == set(gemm_kernels.KERNELS)
+    for run in runs.values():  # every kernel runs at a real (tiny) shape
+        run()
 
 
 def test_official_harness_names_a_missing_checkout(tmp_path):
