@@ -24,7 +24,7 @@ torch (helper below):
 
 - ``torch.ops.mkldnn._linear_pointwise`` (``onednn_linear``, used by ``models/backbones/gemm.py``): oneDNN's fp32
   linear, the kernel ``torch.compile`` emits for frozen CPU weights. Eager ``F.linear`` on a CPU always calls the
-  BLAS ``sgemm``, which ran the frozen encoders' products 8-26 % slower on the benchmark CPU; no public eager API
+  BLAS ``sgemm``, which ran the frozen encoders' products up to 1.6x slower on the benchmark CPU; no public eager API
   reaches oneDNN's fp32 matmul (``torch.backends.mkldnn.matmul.fp32_precision`` only lowers the precision).
   Its erf-GELU post-op is used where no gradient is needed, for MLPs whose activation is transformers'
   ``GELUActivation`` around ``F.gelu`` (``is_exact_gelu`` reads ``GELUActivation.act``).

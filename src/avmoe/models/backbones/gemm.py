@@ -1,8 +1,9 @@
 """The GEMMs of the fast path on a CPU: oneDNN's fp32 matmul instead of torch's BLAS default, where it is the same.
 
 On a CPU torch's fp32 ``F.linear`` / ``torch.mm`` call MKL's ``sgemm``. oneDNN (shipped inside torch) computes the
-same fp32 product, with no reduced precision, and on the benchmark machine (2-core AMD EPYC, AVX-512) it ran the
-frozen encoders' products 8-26 % faster (M = 720-11520 tokens, K and N = 768-12288; bench/BENCHMARKS.md). torch
+same fp32 product, with no reduced precision, and on the benchmark machine (2-core AMD EPYC, AVX-512) it ran
+every frozen encoder product as fast or faster, up to 1.6x, forward and input gradient (``bench/gemm_kernels.py``,
+table in bench/BENCHMARKS.md). torch
 reaches oneDNN's linear only through the operator its own compiler emits for frozen CPU weights,
 ``torch.ops.mkldnn._linear_pointwise`` (listed, with the reason, in :mod:`avmoe._private_api`).
 
@@ -68,7 +69,7 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
 
 def mm(a: Tensor, b: Tensor) -> Tensor:
     """``torch.mm(a, b)``, through oneDNN where no gradient is wanted and a's rows are contiguous (oneDNN ran a
-    transposed ``a`` about 2x slower than the BLAS on this machine). a (M, K), b (K, N)."""
+    transposed ``a`` about 2x slower than the BLAS on the benchmark machine). a (M, K), b (K, N)."""
     if a.stride(-1) == 1 and not _wants_grad(a) and onednn_applies(a, b, None):
         return onednn_linear(a, b.t(), None)
     return torch.mm(a, b)

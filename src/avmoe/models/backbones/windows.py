@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .gemm import Linear
+
 
 class FrozenCache:
     """Tensors derived from frozen weights, computed once per key and reused.
@@ -105,7 +107,7 @@ def shifted_window_attention(
     q_scale: Optional[Tensor],
     sdpa_scale: float,
     dropout_p: float = 0.0,
-    linear: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor] = F.linear,
+    linear: Linear = F.linear,
 ) -> Tensor:
     """Window MSA of tokens x (M, H*W, C) on grid ``hw``, output projection included: -> (M, H*W, C).
 
