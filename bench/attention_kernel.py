@@ -14,8 +14,6 @@ takes ``fused`` for fp32 and on GPUs and ``gemm`` for bf16/fp16 on a CPU, from t
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -28,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.*` importable
 
 from avmoe.models.backbones.windows import gemm_attention  # noqa: E402
 from avmoe.models.config import AVMoEConfig  # noqa: E402
-from bench.timing import round_robin  # noqa: E402
+from bench.timing import kernel_parser, medians  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,18 +62,13 @@ def runner(kind: str, shape: tuple[int, int, int, int], dtype: torch.dtype) -> C
     return run
 
 
-def measure(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds of each runner over ``rounds`` round-robin rounds after one warm-up."""
-    return {k: statistics.median(v) for k, v in round_robin(runs, rounds).items()}
-
-
 def table(frames: int, rounds: int) -> str:
     lines = ["| encoder | stage | windows x heads, L, d | dtype | fused ms | gemm ms | fused / gemm |",
              "|---|---|---|---|---|---|---|"]
     for enc, stage, batch, heads, length, d in window_shapes(AVMoEConfig(), frames):
         for label, dtype in DTYPES.items():
             shape = (batch, heads, length, d)
-            med = measure({k: runner(k, shape, dtype) for k in ("fused", "gemm")}, rounds)
+            med = medians({k: runner(k, shape, dtype) for k in ("fused", "gemm")}, rounds)
             lines.append(f"| {enc} | {stage} | {batch} x {heads}, {length}, {d} | {label} | {1e3 * med['fused']:.1f} "
                          f"| {1e3 * med['gemm']:.1f} | {med['fused'] / med['gemm']:.2f}x |")
             print(lines[-1], flush=True)
@@ -83,9 +76,7 @@ def table(frames: int, rounds: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser = kernel_parser(__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--section", action="store_true", help="write the BENCHMARKS.md section")
     args = parser.parse_args(argv)

@@ -12,8 +12,6 @@ strided ``W^T``). Stepped in turn ``--rounds`` times after one warm-up; GFLOP/s 
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -26,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.*` importable
 
 from avmoe._private_api import onednn_linear  # noqa: E402
 from avmoe.models.config import AVMoEConfig  # noqa: E402
-from bench.timing import round_robin  # noqa: E402
+from bench.timing import kernel_parser, medians  # noqa: E402
 
 KERNELS = ("blas forward", "onednn forward", "blas backward", "onednn backward")
 
@@ -56,7 +54,7 @@ def table(frames: int, rounds: int) -> str:
              "oneDNN / BLAS fwd, bwd |", "|---|---|---|---|---|---|---|---|---|"]
     with torch.no_grad():
         for enc, stage, name, m, k, n in products(AVMoEConfig(), frames):
-            med = {kind: statistics.median(t) for kind, t in round_robin(runners(m, k, n), rounds).items()}
+            med = medians(runners(m, k, n), rounds)
             rate = {kind: 2 * m * k * n / med[kind] / 1e9 for kind in KERNELS}  # GFLOP/s
             lines.append(f"| {enc} | {stage} | {name} | {m} x {k} x {n} | "
                          + " | ".join(f"{rate[kind]:.0f}" for kind in KERNELS)
@@ -67,10 +65,7 @@ def table(frames: int, rounds: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args(argv)
+    args = kernel_parser(__doc__).parse_args(argv)
     torch.manual_seed(0)
     return table(args.frames, args.rounds)
 

@@ -3,6 +3,8 @@ other processes (and the machine's own drift) spreads over all of them."""
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import time
 from typing import Callable, TypeVar
 
@@ -30,3 +32,16 @@ def round_robin(
         for name, fn in runs.items():
             out[name].append(timer(fn))
     return out
+
+
+def medians(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median seconds of each runner over ``rounds`` round-robin rounds after one warm-up."""
+    return {k: statistics.median(v) for k, v in round_robin(runs, rounds).items()}
+
+
+def kernel_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every kernel-level benchmark takes: frames per clip (the shapes) and rounds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=10, help="frames (10 = one AVE clip): sets the shapes")
+    parser.add_argument("--rounds", type=int, default=7, help="round-robin rounds after one warm-up")
+    return parser
